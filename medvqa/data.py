@@ -116,16 +116,16 @@ def normalize_answer(answer: Any) -> str:
     """Normalise an answer for exact-match comparison (case, punctuation, number words, articles, spaces)."""
     text = unicodedata.normalize("NFKC", str(answer)).lower().strip()
     text = _PUNCT.sub(" ", text)
-    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
+    words = [NUMBER_WORDS.get(w, w) for w in text.split()]
+    return " ".join([w for w in words if w not in ARTICLES] or words)  # a lone "a" (a choice) stays
 
 # %% ../nbs/01_data.ipynb #c016
 DATASET_FOLDERS = {"vqa-rad": ("vqa_rad", "vqa-rad", "VQA_RAD", "vqarad"), "slake": ("slake", "SLAKE", "Slake1.0"),
                    "pathvqa": ("pathvqa", "PathVQA", "path-vqa", "pvqa")}
 HOW_TO_GET = {
-    "vqa-rad": "download the OSF release (https://osf.io/89kps/) or `medvqa.data.download('vqa-rad', dest)`",
-    "slake": "download Slake1.0 (https://www.med-vqa.com/slake/) or `medvqa.data.download('slake', dest)`",
-    "pathvqa": "download from https://github.com/UCSD-AI4H/PathVQA or `medvqa.data.download('pathvqa', dest)`",
+    "vqa-rad": "the OSF release https://osf.io/89kps/",
+    "slake": "Slake1.0 from https://www.med-vqa.com/slake/",
+    "pathvqa": "the release linked from https://github.com/UCSD-AI4H/PathVQA",
 }
 
 
@@ -135,14 +135,15 @@ def dataset_root(name: str, root: str | Path | None = None) -> Path:
     if root is not None:
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{name}: folder {root} does not exist; {HOW_TO_GET[name]}")
+            raise FileNotFoundError(f"{name}: folder {root} does not exist; get {HOW_TO_GET[name]}")
         return root
     base = data_root()
     for folder in DATASET_FOLDERS[name]:
         if (base / folder).is_dir():
             return base / folder
     raise FileNotFoundError(f"{name}: no folder named {' or '.join(DATASET_FOLDERS[name])} under {base} "
-                            f"(set MEDVQA_DATA to the folder that holds it); {HOW_TO_GET[name]}")
+                            f"(set MEDVQA_DATA to the folder that holds it); get {HOW_TO_GET[name]} "
+                            f"or its Hugging Face copy with medvqa.data.download({name!r}, dest)")
 
 
 def find_files(root: Path, pattern: str, max_depth: int = 4) -> list[Path]:
@@ -169,6 +170,9 @@ def _apply_image_policy(records: list[VQARecord], policy: str, source: Path) -> 
         raise DatasetError(source, f"{len(missing)} records ({len(images)} images) point to missing image files, "
                            f"e.g. {examples}; pass missing_images='skip' to drop them with a warning", field="image")
     if policy == "skip":
+        if len(missing) == len(records):
+            raise DatasetError(source, f"all {len(records)} records point to missing images (e.g. "
+                               f"{missing[0].image_path}); nothing is left to load", field="image")
         warnings.warn(f"{source}: skipped {len(missing)} of {len(records)} records whose image is missing "
                       f"({len(images)} images)", stacklevel=3)
         gone = {id(r) for r in missing}
@@ -394,7 +398,7 @@ def download(name: str, dest: str | Path) -> Path:
         folder = Path(snapshot_download(HF_DATASETS[name], repo_type="dataset", local_dir=dest, etag_timeout=10))
     except Exception as error:
         raise RuntimeError(f"could not download {HF_DATASETS[name]} ({type(error).__name__}: {error}); "
-                           f"this needs internet access to huggingface.co. {HOW_TO_GET[name]}") from None
+                           f"this needs internet access to huggingface.co; or get {HOW_TO_GET[name]}") from None
     for archive in folder.glob("*.zip"):
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(folder)
@@ -545,7 +549,7 @@ def sample_scene(rng: np.random.Generator, image_id: int) -> dict:
         organ_choices = [o for o in FINDINGS[finding][1] if o in organs]
         organ = organ_choices[rng.integers(len(organ_choices))]
         large = finding == "Mass" or rng.random() < 0.4
-        radius = float(rng.uniform(0.07, 0.09) if large else rng.uniform(0.03, 0.045))
+        radius = float(rng.uniform(0.075, 0.09) if large else rng.uniform(0.03, 0.042))
         count = 1 if large else int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         for cx, cy in _place_lesions(rng, ORGANS[region][organ], count, radius, jitter):
             scene["lesions"].append({"finding": finding, "organ": organ, "x": cx, "y": cy, "r": radius,
@@ -608,7 +612,8 @@ def scene_questions(scene: dict, rng: np.random.Generator) -> list[dict]:
         first = lesions[0]
         qa.append(("What abnormality is seen in this image?", finding, "OPEN", "Abnormality"))
         qa.append((f"Which organ is abnormal?", first["organ"], "OPEN", "Organ"))
-        qa.append((f"Where is the {finding.lower()}?", _position(first["x"], first["y"]), "OPEN", "Position"))
+        if min(abs(first["x"] - 0.5), abs(first["y"] - 0.5)) > 0.04:  # ask only when the quadrant is unambiguous
+            qa.append((f"Where is the {finding.lower()}?", _position(first["x"], first["y"]), "OPEN", "Position"))
         qa.append((f"Is the {finding.lower()} large?", _yes_no(first["size"] == "large"), "CLOSED", "Size"))
         facts = FINDING_FACTS[finding]
         qa.append((f"What is the usual treatment of the abnormality in this image?", facts["treatment"], "OPEN", "KG"))

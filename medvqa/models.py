@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,11 +24,11 @@ from .core import cache_root, check_choice
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
-           'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_load', 'require_files', 'TextFeatures',
-           'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder', 'SmallViT',
-           'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder', 'load_image_encoder', 'biomedclip_config',
-           'write_open_clip_folder', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm',
-           'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
+           'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
+           'SmallViT', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder', 'load_image_encoder',
+           'biomedclip_config', 'write_open_clip_folder', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder',
+           'load_causal_lm', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def model_spec(name: str, kind: str | None = None) -> ModelSpec:
 # %% ../nbs/02_models.ipynb #c011
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> tuple[bool, str]:
     """Whether `host`:443 accepts a connection within `timeout` seconds (and why not)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "True", "YES", "yes"):
+    import huggingface_hub.constants as hf
+    if hf.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False, "HF_HUB_OFFLINE is set"
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -86,20 +88,32 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> tuple[b
         return False, f"{host} unreachable ({type(error).__name__}: {error})"
 
 
-def hub_load(spec: ModelSpec, loader: Callable[..., Any], hub_id: str | None = None, **kwargs: Any) -> Any:
-    """Call `loader(hub_id, ...)` from the local cache, else from the hub if it is reachable, else fail clearly."""
-    hub_id = hub_id or spec.hub_id
+@contextmanager
+def hub_offline():
+    """Make huggingface_hub (and transformers through it) use the local cache only, with no network retries."""
+    import huggingface_hub.constants as hf
+    before = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = True
     try:
-        return loader(hub_id, local_files_only=True, **kwargs)
-    except Exception:
-        pass
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = before
+
+
+def hub_load(spec: ModelSpec, loader: Callable[..., Any], hub_id: str | None = None, **kwargs: Any) -> Any:
+    """Call `loader(hub_id, ...)`: from the hub if it is reachable, else from the local cache, else fail clearly."""
+    hub_id = hub_id or spec.hub_id
     ok, why = hub_reachable()
-    if not ok:
+    if ok:
+        return loader(hub_id, **kwargs)
+    try:
+        with hub_offline():
+            return loader(hub_id, local_files_only=True, **kwargs)
+    except Exception as error:
         raise ModelUnavailableError(
             f"{spec.name!r} ({hub_id}) is not in the local Hugging Face cache and cannot be downloaded: {why}. "
             f"Download it where there is internet (or pass local_dir=<folder>), "
-            f"or use the offline model {spec.offline_alternative!r}.")
-    return loader(hub_id, **kwargs)
+            f"or use the offline model {spec.offline_alternative!r}.") from error
 
 
 def require_files(folder: str | Path, names: Sequence[str], what: str) -> Path:
@@ -227,6 +241,10 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
             raise ModelUnavailableError(f"{spec.name!r} (hf-hub:{spec.hub_id}) is not cached and cannot be "
                                         f"downloaded: {why}. Pass local_dir=<folder> or use {spec.offline_alternative!r}.")
         ident = f"hf-hub:{spec.hub_id}"
+        if not ok:  # cached: read it without touching the network
+            with hub_offline():
+                model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
+            return model.eval(), tokenizer, model.visual.preprocess_cfg
     model = open_clip.create_model(ident, pretrained=None)
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg

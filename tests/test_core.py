@@ -1,0 +1,113 @@
+"""Tests of medvqa.core: parameter checks, profiles, seeding, devices, atomic files, checkpoints, metrics."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from medvqa import core
+
+
+def test_check_choice_and_range():
+    assert core.check_choice("profile", "full", core.PROFILES) == "full"
+    with pytest.raises(ValueError, match="'smoke', 'cpu', 'full'"):
+        core.check_choice("profile", "gpu", core.PROFILES)
+    assert core.check_range("x", 0.0, 0, 1, high_inclusive=False) == 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        core.check_range("x", 1.0, 0, 1, high_inclusive=False)
+
+
+def test_profiles_load_and_reject(tmp_path, monkeypatch):
+    values = {p: core.load_profile(p) for p in core.PROFILES}
+    assert {v["profile"] for v in values.values()} == set(core.PROFILES)
+    assert len({tuple(sorted(v)) for v in values.values()}) == 1, "all profiles must set the same keys"
+    with pytest.raises(ValueError, match="valid choices"):
+        core.load_profile("laptop")
+    (tmp_path / "nested.yaml").write_text("profile: nested\nmodel:\n  size: 3\n")
+    (tmp_path / "liar.yaml").write_text("profile: smoke\n")
+    monkeypatch.setattr(core, "profiles_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match="flat mapping"):
+        core.load_profile("nested")
+    with pytest.raises(ValueError, match="must be 'liar'"):
+        core.load_profile("liar")
+
+
+def test_seed_everything_repeats_all_generators():
+    core.seed_everything(11)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    core.seed_everything(11)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+def test_pick_device():
+    assert core.pick_device("cpu").type == "cpu"
+    assert core.pick_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="not available"):
+            core.pick_device("cuda")
+    with pytest.raises(ValueError, match="valid choices"):
+        core.pick_device("tpu")
+
+
+def test_paths_follow_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_DATA", str(tmp_path / "d"))
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("MEDVQA_RUNS", str(tmp_path / "r"))
+    assert core.data_root() == tmp_path / "d"
+    assert core.cache_root() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert core.run_dir("01_data", "cpu") == tmp_path / "r" / "cpu" / "01_data"
+
+
+def test_atomic_path_keeps_old_content_on_failure(tmp_path):
+    target = core.write_json(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(RuntimeError):
+        with core.atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_to_builtin_converts_numbers_and_nan():
+    out = core.to_builtin({"a": np.float32(1.5), "b": torch.tensor([1, 2]), "c": float("nan"), 3: (np.int64(4),)})
+    assert out == {"a": 1.5, "b": [1, 2], "c": None, "3": [4]}
+
+
+def test_checkpoint_roundtrip_and_rng(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    core.seed_everything(0)
+    path = core.save_checkpoint(tmp_path / "c.pt", step=5, config={"lr": 0.1}, model=model.state_dict())
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    state = core.load_checkpoint(path)
+    assert state["step"] == 5 and state["config"] == {"lr": 0.1}
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    core.set_rng_state(state["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 1, "payload": _Evil()}, path)
+    with pytest.raises(RuntimeError, match="evil.pt"):
+        core.load_checkpoint(path)
+    assert "this must never run" not in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        core.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_metrics_writer(tmp_path):
+    writer = core.MetricsWriter(tmp_path / "x" / "m.json", chapter="c", profile="smoke")
+    writer.update(acc=np.float64(0.5)).record_model("lm", {"name": "m"}).add_result("CMDPI", "slake", "overall_accuracy", 50.0)
+    writer.log(3, loss=torch.tensor(1.25))
+    data = json.loads(writer.save().read_text())
+    assert data["metrics"] == {"acc": 0.5} and data["history"] == [{"step": 3, "loss": 1.25}]
+    assert data["results"][0]["metric"] == "overall_accuracy" and data["models"]["lm"]["name"] == "m"
+    assert core.metrics_file("", "c", "smoke").name == "metrics.json"

@@ -1,0 +1,329 @@
+"""Tests of medvqa.data: official counts, traps, bad input, the synthetic generator, batches."""
+import hashlib
+import io
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from medvqa import data
+from medvqa.data import DatasetError, load_split, normalize_answer
+
+
+# ---------------------------------------------------------------- official formats on the shared copies
+@pytest.mark.parametrize("name, split, language, expected", [
+    ("vqa-rad", "train", "en", 1797), ("vqa-rad", "test", "en", 451),
+    ("slake", "train", "en", 4919), ("slake", "validate", "en", 1053), ("slake", "test", "en", 1061),
+    ("slake", "train", "zh", 4916), ("slake", "val", "zh", 1046), ("slake", "test", "zh", 1033),
+    ("pathvqa", "train", "en", 19755), ("pathvqa", "val", "en", 6279), ("pathvqa", "test", "en", 6761),
+])
+def test_official_counts(shared_data, name, split, language, expected):
+    records = load_split(name, split, language=language, missing_images="keep")
+    assert len(records) == expected
+
+
+def test_vqa_rad_traps_and_mevf(shared_data):
+    train = load_split("vqa-rad", "train")
+    by_qid = {r.qid: r for r in train}
+    assert by_qid["0"].question == "Are regions of the brain infarcted?" and by_qid["0"].answer_type == "closed"
+    assert all(isinstance(r.answer, str) for r in train)
+    assert sum(r.answer.isdigit() for r in train) >= 5  # integer answers became strings
+    assert {r.answer_type for r in train} == {"open", "closed"}  # "CLOSED " was stripped
+    assert len(data.load_vqa_rad(split="train", layout="mevf")) == 3064
+    assert all(r.image_path.is_file() for r in train)
+    with pytest.raises(ValueError, match="train, test"):
+        load_split("vqa-rad", "val")
+
+
+def test_slake_closed_is_not_only_yes_no(shared_data):
+    closed = [r for r in load_split("slake", "train") if r.answer_type == "closed"]
+    assert len(closed) == 1943
+    assert any(normalize_answer(r.answer) not in ("yes", "no") for r in closed)
+
+
+def test_pathvqa_missing_images_skip_and_error(shared_data):
+    with pytest.warns(UserWarning, match=r"skipped \d+ of 19755 records"):
+        train = load_split("pathvqa", "train", missing_images="skip")
+    assert len(train) == 782 and len({r.image_id for r in train}) == 100
+    with pytest.raises(DatasetError, match="missing image files"):
+        load_split("pathvqa", "test", missing_images="error")
+    with pytest.raises(DatasetError, match="all 6279 records point to missing images"):
+        load_split("pathvqa", "val", missing_images="skip")
+    closed = [r for r in train if r.answer_type == "closed"]
+    assert closed and all(normalize_answer(r.answer) in ("yes", "no") for r in closed)
+
+
+def test_vqa_rad_overlap_check(shared_data):
+    train, test = load_split("vqa-rad", "train"), load_split("vqa-rad", "test")
+    overlap = data.split_overlap(train, test)
+    assert len(overlap) == 1  # one test question repeats a training question on the same image
+    assert len({r.image_id for r in test} & {r.image_id for r in train}) == 202
+
+
+# ---------------------------------------------------------------- answer normalisation
+@pytest.mark.parametrize("raw, expected", [
+    ("Yes", "yes"), (" YES. ", "yes"), ("The liver", "liver"), ("Two", "2"), (3, "3"), ("2.5 cm", "2.5 cm"),
+    ("X-Ray", "x-ray"), ("left, upper", "left upper"), ("a  mass!", "mass"), ("1,000", "1,000"), ("ｙｅｓ", "yes"),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+# ---------------------------------------------------------------- bad input
+def _slake_like(tmp_path: Path, rows, name="train.json") -> Path:
+    root = tmp_path / "slake"
+    (root / "imgs" / "xmlab1").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "imgs" / "xmlab1" / "source.jpg")
+    text = rows if isinstance(rows, str) else json.dumps(rows)
+    (root / name).write_text(text)
+    return root
+
+
+ROW = {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "Is it?", "answer": "Yes", "q_lang": "en",
+       "location": "Lung", "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Organ",
+       "triple": ["vhead", "_", "_"], "qid": 7}
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    root = _slake_like(tmp_path, '[{"qid": 1,\n  "question": }]')
+    with pytest.raises(DatasetError, match=r"train.json: malformed JSON at line 2"):
+        data.load_slake(root, "train")
+
+
+def test_missing_field_names_record_and_field(tmp_path):
+    row = dict(ROW)
+    del row["answer"]
+    with pytest.raises(DatasetError, match=r"train.json, record 7, field 'answer'"):
+        data.load_slake(_slake_like(tmp_path, [row]), "train")
+
+
+def test_unknown_answer_type(tmp_path):
+    with pytest.raises(DatasetError, match=r"record 7, field 'answer_type'.*MAYBE"):
+        data.load_slake(_slake_like(tmp_path, [dict(ROW, answer_type="MAYBE")]), "train")
+
+
+def test_unknown_split_language_and_empty(tmp_path):
+    root = _slake_like(tmp_path, [ROW])
+    with pytest.raises(ValueError, match="train, val, test"):
+        data.load_slake(root, "dev")
+    with pytest.raises(ValueError, match="'en', 'zh'"):
+        data.load_slake(root, "train", language="fr")
+    with pytest.raises(DatasetError, match="no records for split 'train' and language 'zh'"):
+        data.load_slake(root, "train", language="zh")
+
+
+def test_missing_image_error_or_counted_skip(tmp_path):
+    root = _slake_like(tmp_path, [ROW, dict(ROW, qid=8, img_name="xmlab2/source.jpg")])
+    with pytest.raises(DatasetError, match=r"1 records \(1 images\) point to missing image files.*record 8"):
+        data.load_slake(root, "train")
+    with pytest.warns(UserWarning, match="skipped 1 of 2 records"):
+        assert [r.qid for r in data.load_slake(root, "train", missing_images="skip")] == ["7"]
+    kept = data.load_slake(root, "train", missing_images="keep")
+    assert kept[1].image_path is None
+    with pytest.raises(DatasetError, match="record 8, field 'image'"):
+        data.VQADataset(kept)[1]
+
+
+def test_truncated_image_is_reported(tmp_path):
+    root = _slake_like(tmp_path, [ROW])
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(good, format="JPEG")
+    (root / "imgs" / "xmlab1" / "source.jpg").write_bytes(good.getvalue()[:200])
+    records = data.load_slake(root, "train")
+    with pytest.raises(DatasetError, match=r"source.jpg, record 7, field 'image': unreadable image"):
+        data.verify_images(records)
+    with pytest.raises(DatasetError, match="unreadable image"):
+        data.VQADataset(records)[0]
+
+
+def test_missing_dataset_folder_says_what_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no folder named vqa_rad.*osf.io/89kps"):
+        load_split("vqa-rad", "train")
+
+
+# ---------------------------------------------------------------- PathVQA pickles and HF parquet
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/medvqa-pickle-exploit"),))
+
+
+def _pathvqa_pkl(tmp_path: Path, payload) -> Path:
+    folder = tmp_path / "pvqa" / "qas" / "train"
+    folder.mkdir(parents=True)
+    (folder / "train_qa.pkl").write_bytes(pickle.dumps(payload))
+    (tmp_path / "pvqa" / "images" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pvqa" / "images" / "train" / "train_0001.jpg")
+    return tmp_path
+
+
+def test_pathvqa_pickle_plain_data_loads(tmp_path):
+    root = _pathvqa_pkl(tmp_path, [{"image": "train_0001", "question": "Is this a tumor?", "answer": "yes"},
+                                   {"image": "train_0001", "question": "What is shown?", "answer": "a cyst"}])
+    records = data.load_pathvqa(root, "train", layout="pkl", missing_images="error")
+    assert [(r.answer, r.answer_type) for r in records] == [("yes", "closed"), ("a cyst", "open")]
+
+
+def test_pathvqa_pickle_with_code_is_refused(tmp_path):
+    Path("/tmp/medvqa-pickle-exploit").unlink(missing_ok=True)
+    root = _pathvqa_pkl(tmp_path, [{"image": "train_0001", "question": "q", "answer": _Exploit()}])
+    with pytest.raises(DatasetError, match=r"train_qa.pkl: not a plain-data pickle.*refusing"):
+        data.load_pathvqa(root, "train", layout="pkl")
+    assert not Path("/tmp/medvqa-pickle-exploit").exists()
+
+
+def test_hf_parquet_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="JPEG")
+    frame = pd.DataFrame({"image": [{"bytes": buf.getvalue(), "path": None}] * 2,
+                          "question": ["is there a mass?", "what organ?"], "answer": ["no", "liver"]})
+    (tmp_path / "data").mkdir()
+    frame.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    records = data.load_hf_parquet(tmp_path, "vqa-rad", "test")
+    assert [r.answer_type for r in records] == ["closed", "open"]
+    assert records[0].image_path == records[1].image_path and records[0].image_path.is_file()
+    with pytest.raises(DatasetError, match="no train-"):
+        data.load_hf_parquet(tmp_path, "vqa-rad", "train")
+
+
+def test_download_offline_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="(?s)flaviagiammarino/vqa-rad.*internet"):
+        data.download("vqa-rad", tmp_path)
+
+
+# ---------------------------------------------------------------- the synthetic generator
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_generator_is_deterministic(tmp_path, synthetic_dir):
+    again = data.generate_synthetic(tmp_path / "again", n_images=120, seed=3)
+    assert _digest(again) == _digest(synthetic_dir)
+    other = data.generate_synthetic(tmp_path / "other", n_images=120, seed=4)
+    assert _digest(other) != _digest(synthetic_dir)
+
+
+def test_generator_layout_and_splits(synthetic_dir):
+    splits = {s: load_split("synthetic", s, root=synthetic_dir) for s in ("train", "val", "test")}
+    assert all(splits.values())
+    images = {s: {r.image_id for r in rs} for s, rs in splits.items()}
+    assert not (images["train"] & images["test"]) and not (images["train"] & images["val"])
+    scenes = json.loads((synthetic_dir / "scenes.json").read_text())
+    assert len(scenes) == 120
+    split_of = {r.image_id: s for s, rs in splits.items() for r in rs}
+    twins = [s for s in scenes if s["twin_of"] is not None]
+    assert twins, "the generator must make near-duplicate twins"
+    for twin in twins:  # a twin lands in its original's split and differs by exactly one lesion
+        assert split_of[str(twin["image_id"])] == split_of[str(twin["twin_of"])]
+        assert abs(len(twin["lesions"]) - len(scenes[twin["twin_of"]]["lesions"])) == 1
+    kg = (synthetic_dir / "KG" / "en_disease.csv").read_text().splitlines()
+    assert kg[0] == "disease#attribute#value" and all(len(line.split("#")) == 3 for line in kg)
+    captions = json.loads((synthetic_dir / "captions.json").read_text())
+    assert len(captions) == 120
+
+
+def _components(codes: np.ndarray, code: int) -> list:
+    labels, n = ndimage.label(codes == code, structure=np.ones((3, 3)))
+    return ndimage.find_objects(labels)
+
+
+def test_answers_agree_with_what_is_drawn(synthetic_dir):
+    """Re-derive answers from the label masks (and lesion pixels) and compare them with the QA files."""
+    codes = {name: code for code, name in (line.split(":") for line in (synthetic_dir / "mask.txt").read_text().splitlines())}
+    codes = {name: int(code) for name, code in codes.items()}
+    checked = 0
+    for split in ("train", "val", "test"):
+        for r in load_split("synthetic", split, root=synthetic_dir):
+            mask = np.asarray(Image.open(r.image_path.parent / "mask.png"))
+            present = set(np.unique(mask).tolist())
+            lesion_codes = [c for c in present if c >= 150]
+            q = r.question
+            if q == "How many lesions are in this image?":
+                assert sum(len(_components(mask, c)) for c in lesion_codes) == int(r.answer), r
+            elif q.startswith("Does the picture contain the "):
+                organ = next(n for n in codes if n.lower() == q[len("Does the picture contain the "):-1])
+                assert (codes[organ] in present) == (r.answer == "Yes"), r
+            elif q == "Is this image abnormal?":
+                assert bool(lesion_codes) == (r.answer == "Yes"), r
+            elif q == "What abnormality is seen in this image?":
+                assert codes[r.answer] in present, r
+            elif q.startswith("Where is the "):
+                finding = next(n for n in codes if n.lower() == q[len("Where is the "):-1])
+                quadrants = set()
+                for box in _components(mask, codes[finding]):
+                    cy, cx = (box[0].start + box[0].stop) / 2 / mask.shape[0], (box[1].start + box[1].stop) / 2 / mask.shape[1]
+                    quadrants.add(f"{'upper' if cy < 0.5 else 'lower'} {'left' if cx < 0.5 else 'right'}")
+                assert r.answer in quadrants, r
+            elif q.startswith("Is the ") and q.endswith(" large?"):
+                finding = next(n for n in codes if n.lower() == q[len("Is the "):-len(" large?")])
+                extent = max(max(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in _components(mask, codes[finding]))
+                assert (extent >= 14) == (r.answer == "Yes"), (r, extent)  # large: >= 15 px, small: <= 13 px
+            else:
+                continue
+            checked += 1
+    assert checked > 500
+
+
+def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):
+    """Where the mask says 'nodule' (a filled disk), the image is bright: the pixels carry the finding."""
+    scenes = json.loads((synthetic_dir / "scenes.json").read_text())
+    codes = {n: int(c) for c, n in (l.split(":") for l in (synthetic_dir / "mask.txt").read_text().splitlines())}
+    seen = 0
+    for scene in scenes:
+        for finding in {l["finding"] for l in scene["lesions"]}:
+            shape, grey = data.FINDINGS[finding][2], data.FINDINGS[finding][3]
+            if shape not in ("disk", "square", "triangle", "diamond"):
+                continue
+            folder = synthetic_dir / "imgs" / f"synth{scene['image_id']}"
+            mask, image = np.asarray(Image.open(folder / "mask.png")), np.asarray(Image.open(folder / "source.png"), float)
+            inside = image[ndimage.binary_erosion(mask == codes[finding])]
+            if inside.size:
+                assert abs(inside.mean() - grey) < 45, (scene["image_id"], finding, inside.mean())
+                seen += 1
+    assert seen > 10
+
+
+def test_synthetic_findings_are_long_tailed(tmp_path):
+    folder = data.generate_synthetic(tmp_path / "s", n_images=400, seed=0)
+    scenes = json.loads((folder / "scenes.json").read_text())
+    counts = pd.Series([s["lesions"][0]["finding"] for s in scenes if s["lesions"]]).value_counts()
+    assert counts.iloc[0] >= 8 * counts.iloc[-1] and len(counts) >= 8
+
+
+# ---------------------------------------------------------------- torch dataset
+def test_dataset_and_collate(synthetic_dir):
+    records = load_split("synthetic", "train", root=synthetic_dir)
+    vocab = data.answer_vocabulary(records)
+    ds = data.VQADataset(records, vocab[:5], image_size=32, cache_images=True)
+    batch = data.collate_vqa([ds[i] for i in range(6)])
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (6,)
+    for i in range(6):
+        expected = vocab[:5].index(normalize_answer(records[i].answer)) if normalize_answer(records[i].answer) in vocab[:5] else -100
+        assert batch["label"][i].item() == expected
+    assert ds[0]["image"] is ds.cache[records[0].image_path]
+    with pytest.raises(ValueError, match="no records"):
+        data.VQADataset([])
+
+
+def test_answer_vocabulary_order():
+    recs = [data.VQARecord("x", "train", str(i), "1", None, "q", a, "open") for i, a in enumerate(["b", "a", "B", "c", "a"])]
+    assert data.answer_vocabulary(recs) == ["a", "b", "c"]
+    assert data.answer_vocabulary(recs, min_count=2) == ["a", "b"]
+
+
+def test_split_overlap_uses_image_and_normalised_question():
+    mk = lambda qid, img, q: data.VQARecord("x", "test", qid, img, None, q, "yes", "closed")
+    train = [mk("1", "a", "Is there a mass?")]
+    test = [mk("2", "a", "is there a MASS"), mk("3", "b", "Is there a mass?")]
+    assert [r.qid for r in data.split_overlap(train, test)] == ["2"]

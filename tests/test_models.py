@@ -1,0 +1,169 @@
+"""Tests of medvqa.models: offline models, local folders for paper-scale loaders, LoRA presets, clear errors."""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvqa import models
+from medvqa.models import ModelUnavailableError
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_causal_lm("smollm2-135m")
+
+
+def test_unknown_names_list_known_ones():
+    with pytest.raises(ValueError, match="'minilm'.*'smollm2-135m'"):
+        models.model_spec("gpt-5")
+    with pytest.raises(ValueError, match="'small-vit', 'biomedclip'"):
+        models.load_image_encoder("resnet-50")
+
+
+def test_minilm_text_encoder_shapes():
+    enc = models.load_text_encoder("minilm")
+    out = enc(["a nodule in the left lung", "liver"])
+    assert out.embedding.shape == (2, 384)
+    assert out.tokens.shape[0] == 2 and out.tokens.shape[2] == 384 and out.mask.shape == out.tokens.shape[:2]
+    torch.testing.assert_close(out.embedding.norm(dim=-1), torch.ones(2))
+    assert out.mask[1].sum() < out.mask[0].sum()  # the shorter text is padded
+    with pytest.raises(ValueError, match="non-empty list"):
+        enc("a single string")
+
+
+def test_small_vit_shapes_and_errors():
+    vit = models.load_image_encoder("small-vit", image_size=32)
+    feats = vit(torch.randn(3, 3, 32, 32))
+    assert feats.embedding.shape == (3, 192) and feats.patches.shape == (3, 4, 4, 192)
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 32, 32\], got \[3, 1, 32, 32\]"):
+        vit(torch.randn(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        models.SmallViT(image_size=30)
+
+
+@pytest.fixture(scope="module")
+def biomedclip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip") / "biomedclip"
+    return models.write_open_clip_folder(folder, models.biomedclip_config(models.minilm_folder()), models.minilm_folder())
+
+
+def test_biomedclip_local_folder_image_tower(biomedclip_folder):
+    enc = models.load_image_encoder("biomedclip", local_dir=biomedclip_folder)
+    assert (enc.image_size, enc.embed_dim, enc.patch_dim) == (224, 512, 768)
+    with torch.no_grad():
+        feats = enc(torch.randn(1, 3, 224, 224))
+    assert feats.embedding.shape == (1, 512) and feats.patches.shape == (1, 14, 14, 768)
+
+
+def test_biomedclip_local_folder_text_tower(biomedclip_folder):
+    enc = models.load_text_encoder("biomedclip-text", local_dir=biomedclip_folder)
+    with torch.no_grad():
+        out = enc(["pleural effusion", "a normal chest radiograph"])
+    assert out.embedding.shape == (2, 512) and out.tokens.shape[:2] == out.mask.shape
+    torch.testing.assert_close(out.embedding.norm(dim=-1), torch.ones(2))
+
+
+def test_local_folder_missing_file_is_named(tmp_path, biomedclip_folder):
+    broken = tmp_path / "broken"
+    shutil.copytree(biomedclip_folder, broken)
+    (broken / "open_clip_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing open_clip_model.safetensors or open_clip_pytorch_model.bin"):
+        models.load_image_encoder("biomedclip", local_dir=broken)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.load_causal_lm("gpt2-xl", local_dir=tmp_path / "nowhere")
+
+
+def test_pubmedbert_loader_on_a_local_bert_folder(tmp_path):
+    from transformers import BertConfig, BertModel
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522)).save_pretrained(folder)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (models.minilm_folder() / f).is_file():
+            shutil.copy(models.minilm_folder() / f, folder / f)
+    enc = models.load_text_encoder("pubmedbert", local_dir=folder)
+    assert enc(["thorax"]).embedding.shape == (1, 32)
+
+
+def test_hub_models_fail_fast_and_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=r"'gpt2-xl' \(openai-community/gpt2-xl\).*HF_HUB_OFFLINE.*'smollm2-135m'"):
+        models.load_causal_lm("gpt2-xl")
+    with pytest.raises(ModelUnavailableError, match="'minilm'"):
+        models.load_text_encoder("pubmedbert")
+    with pytest.raises(ModelUnavailableError, match="local_dir=<folder>.*'small-vit'"):
+        models.load_image_encoder("biomedclip")
+    assert time.perf_counter() - start < 30
+
+
+def test_unreachable_hub_is_reported(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: (False, "huggingface.co unreachable (test)"))
+    with pytest.raises(ModelUnavailableError, match="unreachable \\(test\\)"):
+        models.load_causal_lm("llama-3.2-1b")
+
+
+def test_smollm2_generates_and_cache_is_reused(smollm2, monkeypatch):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 100e6
+    ids = tokenizer("The heart pumps", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3
+    folder = models.smollm2_folder()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    monkeypatch.setattr(models, "convert_smollm2", lambda dest: pytest.fail("converted again instead of reusing the cache"))
+    assert models.smollm2_folder() == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    assert list(folder.glob("*.safetensors"))
+
+
+def test_paper_scale_lm_loader_on_a_local_folder(tmp_path, smollm2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    _, tokenizer = smollm2
+    folder = tmp_path / "llama-like"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, tok = models.load_causal_lm("llama-3.2-1b", local_dir=folder)
+    assert model.config.num_hidden_layers == 2 and tok.pad_token is not None
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="missing tokenizer.json or tokenizer.model or vocab.json"):
+        models.load_causal_lm("llama-3.2-1b", local_dir=folder)
+
+
+def _adapted(model) -> set:
+    return {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+
+
+def test_lora_presets_attach_to_expected_modules(smollm2):
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(models.smollm2_folder())
+    qv = models.apply_lora(base, "biod2c")
+    assert _adapted(qv) == {"q_proj", "v_proj"}
+    cfg = qv.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
+    assert all(not p.requires_grad for n, p in qv.named_parameters() if "lora_" not in n)
+    assert all(p.requires_grad for n, p in qv.named_parameters() if "lora_" in n)
+    every = models.apply_lora(AutoModelForCausalLM.from_pretrained(models.smollm2_folder()), "bamco")
+    assert _adapted(every) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert every.peft_config["default"].r == 64 and every.peft_config["default"].lora_alpha == 16
+    with pytest.raises(ValueError, match="'bamco', 'biod2c'"):
+        models.apply_lora(base, "qlora")
+
+
+def test_lora_biod2c_on_gpt2_uses_fused_attention():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    assert _adapted(models.apply_lora(gpt2, "biod2c")) == {"c_attn"}
+
+
+def test_describe_model_records_source_and_size():
+    vit = models.SmallViT(32)
+    info = models.describe_model("small-vit", vit, 0.1234)
+    assert info["source"] == "built-in" and info["parameters"] == sum(p.numel() for p in vit.parameters())
+    assert info["load_seconds"] == 0.123
+    json.dumps(info)

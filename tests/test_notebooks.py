@@ -1,0 +1,50 @@
+"""Every chapter runs headless in the smoke profile, and the notebooks and the package are in sync."""
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from medvqa import reproduce as rep
+from medvqa.core import project_root
+
+ROOT = project_root()
+
+
+def test_nbdev_export_and_clean_change_nothing(tmp_path):
+    """`nbdev_export` would not change medvqa/, `nbdev_clean` would not change nbs/ (and notebooks hold no outputs)."""
+    for item in ("nbs", "medvqa", "settings.ini", "setup.py", "pyproject.toml", "profiles"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    bindir = Path(sys.executable).parent
+    for tool in ("nbdev_export", "nbdev_clean"):
+        subprocess.run([str(bindir / tool)], cwd=tmp_path, check=True, capture_output=True)
+    for folder, pattern in (("medvqa", "*.py"), ("nbs", "*.ipynb")):
+        for original in sorted((ROOT / folder).glob(pattern)):
+            assert filecmp.cmp(original, tmp_path / folder / original.name, shallow=False), \
+                f"{folder}/{original.name} changes under nbdev_export/nbdev_clean: run `make export` and commit"
+        produced = {p.name for p in (tmp_path / folder).glob(pattern)}
+        assert produced == {p.name for p in (ROOT / folder).glob(pattern)}, f"{folder}: files differ {produced}"
+    for nb_path in (ROOT / "nbs").glob("*.ipynb"):
+        nb = nbformat.read(str(nb_path), as_version=4)
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{nb_path.name} has outputs"
+        assert nb.metadata.get("kernelspec", {}).get("language") == "python", f"{nb_path.name}: no kernelspec"
+
+
+def test_every_chapter_runs_in_the_smoke_profile(tmp_path):
+    runs = rep.reproduce("smoke", results_dir=tmp_path, timeout=900)
+    failed = {r.chapter: r.error for r in runs if r.status != "passed"}
+    assert not failed, failed
+    assert {r.chapter for r in runs} == set(rep.list_chapters())
+    assert (tmp_path / "summary.md").is_file()
+
+
+def test_the_runner_chapter_runs(tmp_path):
+    import papermill
+    papermill.execute_notebook(str(ROOT / "nbs" / f"{rep.RUNNER_CHAPTER}.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"metrics_path": str(tmp_path / "m.json")}, kernel_name="medvqa",
+                               cwd=str(ROOT / "nbs"), progress_bar=False, execution_timeout=600)
+    assert (tmp_path / "m.json").is_file()

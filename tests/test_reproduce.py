@@ -1,0 +1,95 @@
+"""Tests of the reproduction runner: parameter checks, failing chapters, summary with paper numbers."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from medvqa import reproduce as rep
+from medvqa.core import PROFILES, load_profile, project_root
+
+
+def _chapter(path: Path, body: str, params: str = 'profile = "smoke"\nmetrics_path = ""\nsteps = 2') -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    nbformat.write(nb, str(path))
+
+
+WRITE = "import json\njson.dump({'metrics': {'steps': steps}, 'results': [{'paper': 'CMDPI', 'dataset': 'slake', " \
+        "'metric': 'overall_accuracy', 'value': 41.5, 'paper_model': 'CMDPI'}]}, open(metrics_path, 'w'))"
+
+
+@pytest.fixture
+def project(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _chapter(nbs / "01_good.ipynb", WRITE)
+    _chapter(nbs / "02_crash.ipynb", "raise ValueError('boom')")
+    _chapter(nbs / "03_silent.ipynb", "pass")
+    _chapter(nbs / "90_reproduce.ipynb", "raise RuntimeError('the runner must not run itself')")
+    return tmp_path
+
+
+def test_runner_goes_on_past_failures_and_reports_them(project):
+    runs = rep.reproduce("smoke", overrides={"steps": 7}, nbs_dir=project / "nbs", results_dir=project / "out",
+                         profile_values={"profile": "smoke", "unrelated": 1})
+    assert [(r.chapter, r.status) for r in runs] == [("01_good", "passed"), ("02_crash", "failed"), ("03_silent", "failed")]
+    assert runs[0].metrics["metrics"] == {"steps": 7}
+    assert "ValueError: boom" in runs[1].error
+    assert "did not write its metrics file" in runs[2].error
+    summary = (project / "out" / "summary.md").read_text()
+    assert "1 of 3 chapters passed" in summary and "| 02_crash | failed: ValueError: boom" in summary
+    assert "| 01_good | CMDPI | slake | overall_accuracy | 41.5 | 83.5 (CMDPI, Table 2) |" in summary
+    saved = json.loads((project / "out" / "summary.json").read_text())
+    assert [c["status"] for c in saved["chapters"]] == ["passed", "failed", "failed"]
+    injected = nbformat.read(str(project / "out" / "01_good.ipynb"), as_version=4)
+    assert set(rep.injected_names(injected)) == {"profile", "steps", "metrics_path"}  # 'unrelated' was filtered out
+
+
+def test_misspelled_override_is_an_error(project):
+    with pytest.raises(ValueError, match="unknown parameter\\(s\\) stepz.*valid names: metrics_path, profile, steps"):
+        rep.reproduce("smoke", chapters=["01"], overrides={"stepz": 3}, nbs_dir=project / "nbs",
+                      results_dir=project / "out", profile_values={"profile": "smoke"})
+
+
+def test_check_executed_flags_unknown_injected_names(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("steps = 3\nstepz = 4")
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [cell]
+    problems = rep.check_executed(nb, {"steps": 2}, tmp_path / "none.json")
+    assert any("unknown parameter(s) stepz" in p for p in problems) and any("metrics file" in p for p in problems)
+    assert rep.check_executed(nbformat.v4.new_notebook(), {}, tmp_path / "x")[0].startswith("no injected-parameters")
+
+
+def test_chapter_resolution_and_cli_errors(capsys):
+    assert rep.resolve_chapters(["data"], ["00_core", "01_data"]) == ["01_data"]
+    assert rep.main(["reproduce", "--chapters", "77"]) == 2
+    assert "valid chapters" in capsys.readouterr().err
+    assert rep.main(["reproduce", "--profile", "laptop"]) == 2
+
+
+def test_every_profile_key_is_a_parameter_of_some_chapter():
+    declared = {n for c in rep.list_chapters() for n in rep.notebook_parameters(project_root() / "nbs" / f"{c}.ipynb")}
+    for profile in PROFILES:
+        unused = set(load_profile(profile)) - declared
+        assert not unused, f"profiles/{profile}.yaml sets {unused}, which no chapter declares"
+
+
+def test_every_chapter_validates_its_profile_parameter():
+    for chapter in rep.list_chapters() + [rep.RUNNER_CHAPTER]:
+        params = rep.notebook_parameters(project_root() / "nbs" / f"{chapter}.ipynb")
+        assert params.get("profile") == "'smoke'" or params.get("profile") == '"smoke"', chapter
+        assert "metrics_path" in params, chapter
+
+
+def test_reported_results_table_is_well_formed():
+    rows = rep.reported_results()
+    assert {r["paper"] for r in rows} == {"BaMCo", "CMDPI", "BioD2C"}
+    assert all(float(r["value"]) >= 0 for r in rows)
+    assert rep.paper_value({"paper": "BaMCo", "dataset": "slake", "metric": "mean_open_closed_accuracy",
+                            "paper_model": "BaMCo (Llama 3.2 3B)"}, rows) == "85.8 (BaMCo (Llama 3.2 3B), Table 2)"
