@@ -29,10 +29,10 @@ from .core import atomic_path, cache_root, check_choice, data_root, write_json
 # %% auto #0
 __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
            'MISSING_IMAGE_POLICIES', 'VQA_RAD_PHRASES', 'SLAKE_FILES', 'HF_DATASETS', 'MODALITIES', 'REGIONS', 'ORGANS',
-           'ORGAN_GREY', 'FINDINGS', 'MASK_CODES', 'ORGAN_FACTS', 'FINDING_FACTS', 'IGNORE_INDEX', 'VQARecord',
-           'DatasetError', 'canonical_split', 'normalize_answer', 'dataset_root', 'find_files', 'verify_images',
-           'load_vqa_rad', 'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet', 'download',
-           'draw_scene', 'sample_scene', 'scene_questions', 'scene_caption', 'write_knowledge_graph',
+           'ORGAN_GREY', 'FINDINGS', 'MASK_CODES', 'ORGAN_FACTS', 'FINDING_FACTS', 'SYNTHETIC_VERSION', 'IGNORE_INDEX',
+           'VQARecord', 'DatasetError', 'canonical_split', 'normalize_answer', 'dataset_root', 'find_files',
+           'verify_images', 'load_vqa_rad', 'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet',
+           'download', 'draw_scene', 'sample_scene', 'scene_questions', 'scene_caption', 'write_knowledge_graph',
            'generate_synthetic', 'synthetic_root', 'load_split', 'split_overlap', 'image_transform',
            'answer_vocabulary', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
 
@@ -558,16 +558,16 @@ def sample_scene(rng: np.random.Generator, image_id: int) -> dict:
 
 # %% ../nbs/01_data.ipynb #c034
 ORGAN_FACTS = {  # organ -> {attribute: value}: the synthetic knowledge graph's organ table (our own wording)
-    "Brain": {"function": "controls thought, movement and the senses", "belong to": "Nervous System"},
-    "Ventricle": {"function": "holds and circulates cerebrospinal fluid", "belong to": "Nervous System"},
-    "Left Lung": {"function": "gas exchange", "belong to": "Respiratory System"},
-    "Right Lung": {"function": "gas exchange", "belong to": "Respiratory System"},
-    "Heart": {"function": "pumps blood through the body", "belong to": "Circulatory System"},
-    "Spine": {"function": "supports the trunk and protects the spinal cord", "belong to": "Motor System"},
-    "Liver": {"function": "metabolism and detoxification", "belong to": "Digestive System"},
-    "Spleen": {"function": "filters blood and stores immune cells", "belong to": "Lymphatic System"},
-    "Left Kidney": {"function": "filters blood and makes urine", "belong to": "Urinary System"},
-    "Right Kidney": {"function": "filters blood and makes urine", "belong to": "Urinary System"},
+    "Brain": {"definition": "the organ inside the skull that controls the body", "function": "controls thought, movement and the senses", "belong to": "Nervous System"},
+    "Ventricle": {"definition": "a fluid-filled cavity inside the brain", "function": "holds and circulates cerebrospinal fluid", "belong to": "Nervous System"},
+    "Left Lung": {"definition": "the air-filled organ on the left side of the chest", "function": "gas exchange", "belong to": "Respiratory System"},
+    "Right Lung": {"definition": "the air-filled organ on the right side of the chest", "function": "gas exchange", "belong to": "Respiratory System"},
+    "Heart": {"definition": "the muscular organ in the middle of the chest", "function": "pumps blood through the body", "belong to": "Circulatory System"},
+    "Spine": {"definition": "the column of vertebrae along the back", "function": "supports the trunk and protects the spinal cord", "belong to": "Motor System"},
+    "Liver": {"definition": "the large organ in the upper right abdomen", "function": "metabolism and detoxification", "belong to": "Digestive System"},
+    "Spleen": {"definition": "the fist-sized organ in the upper left abdomen", "function": "filters blood and stores immune cells", "belong to": "Lymphatic System"},
+    "Left Kidney": {"definition": "the bean-shaped organ on the left of the spine", "function": "filters blood and makes urine", "belong to": "Urinary System"},
+    "Right Kidney": {"definition": "the bean-shaped organ on the right of the spine", "function": "filters blood and makes urine", "belong to": "Urinary System"},
 }
 FINDING_FACTS = {  # finding -> {attribute: value}: the synthetic knowledge graph's disease table
     "Nodule": {"description": "a small round growth of tissue", "cause": "infection or early tumour", "treatment": "follow-up imaging"},
@@ -645,7 +645,7 @@ def scene_caption(scene: dict) -> str:
 def write_knowledge_graph(folder: Path) -> None:
     """Write the synthetic KG in SLAKE's format: en_organ.csv, en_disease.csv, en_organ_rel.csv ('#'-separated)."""
     folder.mkdir(parents=True, exist_ok=True)
-    organ_rows = ["organ#attribute#value"] + [f"{o}#function#{f['function']}" for o, f in ORGAN_FACTS.items()]
+    organ_rows = ["organ#attribute#value"] + [f"{o}#{k}#{f[k]}" for o, f in ORGAN_FACTS.items() for k in ("definition", "function")]
     rel_rows = ["organ#attribute#value"] + [f"{o}#belong to#{f['belong to']}" for o, f in ORGAN_FACTS.items()]
     disease_rows = ["disease#attribute#value"]
     for finding, facts in FINDING_FACTS.items():
@@ -722,9 +722,12 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
     return folder
 
 
+SYNTHETIC_VERSION = 2  # bump when the generator changes, so cached copies are regenerated
+
+
 def synthetic_root(n_images: int = 480, seed: int = 0) -> Path:
     """The cached synthetic dataset for (n_images, seed), generated on first use."""
-    folder = cache_root() / "synthetic" / f"n{n_images}-seed{seed}"
+    folder = cache_root() / "synthetic" / f"v{SYNTHETIC_VERSION}-n{n_images}-seed{seed}"
     if not (folder / "scenes.json").is_file():
         generate_synthetic(folder, n_images, seed)
     return folder
