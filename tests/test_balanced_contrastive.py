@@ -1,0 +1,111 @@
+"""Tests of BaMCo Eq. 1, the logit-adjusted CE and the knowledge-space model (independent slow versions)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvqa.balanced_contrastive import (KnowledgeSpace, alignment_loss, balanced_contrastive_loss, bamco_loss,
+                                         logit_adjusted_cross_entropy, top1_matching)
+
+
+def reference_loop(views, labels, prototypes, temperature):
+    """Eq. 1 written as plain loops over anchors and keys (the form of the BCL reference, one view index at a time)."""
+    B, V, _ = views.shape
+    C = prototypes.shape[0]
+    feats = [views[b, v] for v in range(V) for b in range(B)] + [prototypes[c] for c in range(C)]
+    labs = [int(labels[b]) for v in range(V) for b in range(B)] + list(range(C))
+    n = {c: sum(1 for y in labs if y == c) for c in range(C)}
+    losses = []
+    for i in range(B * V):
+        den = 0.0
+        for j in range(len(feats)):
+            if j == i:
+                continue
+            w = n[labs[j]] - (1 if labs[j] == labs[i] else 0)
+            den += math.exp(float(feats[i] @ feats[j]) / temperature) / w
+        positives = [j for j in range(len(feats)) if j != i and labs[j] == labs[i]]
+        losses.append(-sum(float(feats[i] @ feats[p]) / temperature - math.log(den) for p in positives) / len(positives))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("B, V, D, C, tau", [(5, 2, 8, 4, 0.07), (7, 3, 4, 6, 0.5), (1, 2, 3, 3, 0.1), (4, 1, 5, 2, 1.0)])
+def test_matches_plain_loop(B, V, D, C, tau):
+    g = torch.Generator().manual_seed(B * 100 + C)
+    views = F.normalize(torch.randn(B, V, D, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.randint(C, (B,), generator=g)
+    protos = F.normalize(torch.randn(C, D, generator=g, dtype=torch.float64), dim=-1)
+    fast = balanced_contrastive_loss(views, labels, protos, tau)
+    assert abs(fast.item() - reference_loop(views, labels, protos, tau)) < 1e-6
+
+
+def test_invariant_to_sample_order_and_gradients_flow():
+    g = torch.Generator().manual_seed(1)
+    views = F.normalize(torch.randn(6, 2, 4, generator=g), dim=-1).requires_grad_()
+    labels = torch.tensor([0, 1, 1, 2, 0, 1])
+    protos = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    a = balanced_contrastive_loss(views, labels, protos)
+    b = balanced_contrastive_loss(views[perm], labels[perm], protos)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    assert views.grad is not None and torch.isfinite(views.grad).all() and views.grad.abs().sum() > 0
+
+
+def test_tight_clusters_give_lower_loss_than_mixed():
+    protos = torch.eye(3)
+    labels = torch.tensor([0, 1, 2])
+    aligned = protos[labels].unsqueeze(1).repeat(1, 2, 1)
+    mixed = protos[torch.tensor([1, 2, 0])].unsqueeze(1).repeat(1, 2, 1)
+    assert balanced_contrastive_loss(aligned, labels, protos, 0.1) < balanced_contrastive_loss(mixed, labels, protos, 0.1)
+
+
+def test_bad_inputs():
+    v = F.normalize(torch.randn(3, 2, 4), dim=-1)
+    p = F.normalize(torch.randn(2, 4), dim=-1)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        balanced_contrastive_loss(v * 3, torch.tensor([0, 1, 0]), p)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        balanced_contrastive_loss(v, torch.tensor([0, 2, 0]), p)
+    with pytest.raises(ValueError, match="do not match"):
+        balanced_contrastive_loss(v, torch.tensor([0, 1]), p)
+    with pytest.raises(ValueError, match="expected views"):
+        balanced_contrastive_loss(v[0], torch.tensor([0, 1]), p)
+
+
+def test_logit_adjusted_ce_against_manual_formula():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    labels = torch.tensor([2, 0])
+    counts = torch.tensor([10.0, 30.0, 60.0])
+    tau = 0.7
+    manual = 0.0
+    for row, y in zip(logits, labels):
+        adjusted = [float(row[c]) + tau * math.log(counts[c] / counts.sum()) for c in range(3)]
+        manual += -(adjusted[y] - math.log(sum(math.exp(a) for a in adjusted)))
+    assert abs(logit_adjusted_cross_entropy(logits, labels, counts, tau).item() - manual / 2) < 1e-6
+    with pytest.raises(ValueError, match="positive"):
+        logit_adjusted_cross_entropy(logits, labels, torch.tensor([1.0, 0.0, 2.0]))
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        logit_adjusted_cross_entropy(logits, labels, torch.tensor([1.0, 2.0]))
+
+
+def test_bamco_loss_combines_terms_with_weights():
+    torch.manual_seed(0)
+    space = KnowledgeSpace(image_dim=6, text_dim=5, num_classes=3, embed_dim=8)
+    out = space(torch.randn(4, 6), torch.randn(4, 5), torch.randn(4, 3, 2, 8, 8))
+    labels, counts = torch.tensor([0, 1, 2, 1]), torch.tensor([4.0, 2.0, 1.0])
+    total, parts = bamco_loss(out, labels, counts, temperature=0.2, ce_weight=0.3, contrastive_weight=0.7)
+    pairs = [("image", "text"), ("image", "intra"), ("intra", "text")]
+    contrastive = sum(balanced_contrastive_loss(torch.stack([out[a], out[b]], 1), labels, out["prototypes"], 0.2)
+                      for a, b in pairs) / 3
+    ce = logit_adjusted_cross_entropy(out["logits"], labels, counts)
+    torch.testing.assert_close(total, 0.3 * ce + 0.7 * contrastive)
+    assert parts["ce"] == pytest.approx(ce.item()) and parts["contrastive"] == pytest.approx(contrastive.item())
+    torch.testing.assert_close(out["prototypes"].norm(dim=-1), torch.ones(3))
+    assert out["logits"].abs().max() <= 30 + 1e-4  # cosine classifier with scale 30
+
+
+def test_alignment_loss_and_matching():
+    x = torch.eye(3)
+    assert alignment_loss(x, x, 0.1) < alignment_loss(x, x[[1, 2, 0]], 0.1)
+    assert top1_matching(torch.tensor([[0.0, 2.0], [1.0, 0.1]]), torch.eye(2)).tolist() == [1, 0]
