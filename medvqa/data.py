@@ -80,6 +80,14 @@ def _read_json(path: Path) -> Any:
         raise DatasetError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
+def _read_json_list(path: Path, what: str = "QA records") -> list:
+    """Parse a JSON file that must hold an array, or raise a DatasetError naming the file."""
+    rows = _read_json(path)
+    if not isinstance(rows, list):
+        raise DatasetError(path, f"expected a JSON array of {what}, found {type(rows).__name__}")
+    return rows
+
+
 def _require(raw: dict, name: str, file: Path, record: Any) -> Any:
     """Return raw[name] or raise a DatasetError naming the file, record and missing field."""
     if not isinstance(raw, dict):
@@ -232,9 +240,7 @@ def load_vqa_rad(root: str | Path | None = None, split: str = "train", layout: s
         if not osf:
             raise DatasetError(base, "no 'VQA_RAD Dataset Public.json' found (OSF layout)")
         file = osf[0]
-        rows = _read_json(file)
-        if not isinstance(rows, list):
-            raise DatasetError(file, "expected a JSON array of QA records")
+        rows = _read_json_list(file)
         phrases = VQA_RAD_PHRASES[split]
         for i, raw in enumerate(rows):
             if isinstance(raw, dict) and raw.get("phrase_type") is None:
@@ -245,9 +251,7 @@ def load_vqa_rad(root: str | Path | None = None, split: str = "train", layout: s
         if not mevf:
             raise DatasetError(base, f"neither 'VQA_RAD Dataset Public.json' nor '{split}set.json' found")
         file = mevf[0]
-        rows = _read_json(file)
-        if not isinstance(rows, list):
-            raise DatasetError(file, "expected a JSON array of QA records")
+        rows = _read_json_list(file)
         images = next((p for p in (file.parent / "images", *[q.parent for q in find_files(base, "synpic*.jpg")[:1]])
                        if p.is_dir()), file.parent / "images")
         records = [_vqa_rad_record(raw, file, images, split, i) for i, raw in enumerate(rows)]
@@ -268,9 +272,7 @@ def load_slake(root: str | Path | None = None, split: str = "train", language: s
     file = next((f for n in SLAKE_FILES[split] for f in find_files(base, n)), None)
     if file is None:
         raise DatasetError(base, f"no {' or '.join(SLAKE_FILES[split])} found (SLAKE layout)")
-    rows = _read_json(file)
-    if not isinstance(rows, list):
-        raise DatasetError(file, "expected a JSON array of QA records")
+    rows = _read_json_list(file)
     records = []
     for i, raw in enumerate(rows):
         rid = raw.get("qid", f"#{i}") if isinstance(raw, dict) else f"#{i}"
@@ -321,9 +323,7 @@ def load_pathvqa(root: str | Path | None = None, split: str = "train", layout: s
         if not lxmert:
             raise DatasetError(base, f"no pvqa_{split}.json found (LXMERT layout)")
         file = lxmert[0]
-        images = _read_json(file)
-        if not isinstance(images, list):
-            raise DatasetError(file, "expected a JSON array of image records")
+        images = _read_json_list(file, "image records")
         for i, raw in enumerate(images):
             image = str(_require(raw, "img_id", file, f"#{i}"))
             questions = _require(raw, "sentf", file, image).get("pvqa")

@@ -302,7 +302,7 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
     clip, _, _ = load_open_clip(spec, local_dir)
     return OpenClipImageEncoder(clip, name)
 
-# %% ../nbs/02_models.ipynb #c023
+# %% ../nbs/02_models.ipynb #c025
 def biomedclip_config(text_model_dir: str | Path) -> dict:
     """An open_clip config with BiomedCLIP's architecture whose BERT text tower is read from `text_model_dir`."""
     return {"model_cfg": {"embed_dim": 512,
@@ -330,7 +330,7 @@ def write_open_clip_folder(folder: str | Path, config: dict, text_model_dir: str
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
 
-# %% ../nbs/02_models.ipynb #c026
+# %% ../nbs/02_models.ipynb #c028
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -391,7 +391,7 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
-# %% ../nbs/02_models.ipynb #c030
+# %% ../nbs/02_models.ipynb #c032
 LORA_PRESETS: dict[str, dict[str, Any]] = {
     "bamco": {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
     "biod2c": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
@@ -421,7 +421,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-# %% ../nbs/02_models.ipynb #c034
+# %% ../nbs/02_models.ipynb #c036
 def describe_model(name: str, model: nn.Module | None = None, load_seconds: float | None = None) -> dict[str, Any]:
     """A metrics-ready description of a registry model (source, hub id, parameter count, load time)."""
     spec = model_spec(name)

@@ -1,0 +1,136 @@
+"""Tests of the CMDPI pre-training pieces: Eq. 7, masking, the momentum encoders, global vs local, loss weights."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvqa.coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, PretrainWeights, contrastive,
+                                  patchify, pretraining_loss, random_mask)
+
+
+def contra_loop(a, b, tau):
+    """Eq. 7 with plain loops."""
+    n = len(a)
+    total = 0.0
+    for i in range(n):
+        sims = [float(F.cosine_similarity(a[i], b[j], dim=0)) / tau for j in range(n)]
+        total += -(sims[i] - math.log(sum(math.exp(s) for s in sims)))
+    return total / n
+
+
+@pytest.mark.parametrize("n, d, tau", [(2, 3, 0.07), (5, 8, 0.5), (9, 4, 1.0)])
+def test_contrastive_matches_loop(n, d, tau):
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    assert abs(contrastive(a, b, tau).item() - contra_loop(a, b, tau)) < 1e-6
+
+
+def test_contrastive_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        contrastive(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        contrastive(torch.randn(3, 4), torch.randn(2, 4))
+
+
+def test_mask_keeps_ratio_and_never_masks_head_or_padding():
+    valid = torch.ones(50, 40, dtype=torch.bool)
+    valid[:, 0] = False  # the head position
+    valid[10:, 30:] = False  # padding in some rows
+    for ratio in (0.0, 0.1, 0.25, 0.6):
+        m = random_mask(valid, ratio, torch.Generator().manual_seed(1))
+        assert torch.equal(m.sum(1), (valid.sum(1).float() * ratio).round().long())
+        assert not m[:, 0].any() and not (m & ~valid).any()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        random_mask(valid, 1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        random_mask(valid, -0.1)
+
+
+def test_patchify_order():
+    img = torch.arange(16.0).reshape(1, 1, 4, 4)
+    patches = patchify(img, patch=2)
+    assert patches.shape == (1, 4, 4)
+    assert patches[0, 1].tolist() == [2.0, 3.0, 6.0, 7.0]  # second patch = top-right block, row-major
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        patchify(torch.zeros(1, 3, 10, 10), 4)
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = CoRegConfig(vocab_size=12, n_answers=3, image_size=16, patch=8, dim=8, encoder_layers=1, recnet_layers=1, heads=2,
+                      text_length=6)
+    model = CoRegularizedModel(cfg)
+    batch = {"patches": torch.randn(4, 4, 192), "tokens": torch.tensor([[3, 6, 7, 4, 0, 0], [3, 8, 4, 0, 0, 0]] * 2),
+             "answer": torch.tensor([0, -1, 2, -1]), "is_caption": torch.tensor([0, 1, 0, 1])}
+    return model, batch
+
+
+def test_momentum_encoder_follows_ema_and_gets_no_gradient():
+    model, batch = tiny()
+    with torch.no_grad():
+        for p in model.image_encoder.parameters():
+            p.add_(1.0)
+    before_online = [p.detach().clone() for p in model.image_encoder.parameters()]
+    before_ema = [p.detach().clone() for p in model.momentum_image.parameters()]
+    model.momentum_update(0.9)
+    for online, ema, new in zip(before_online, before_ema, model.momentum_image.parameters()):
+        torch.testing.assert_close(new, 0.9 * ema + 0.1 * online)
+    loss, _ = pretraining_loss(model.train(), batch, momentum=None, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.momentum_image.parameters())
+    assert all(p.grad is None for p in model.momentum_text.parameters())
+
+
+def test_global_and_local_reconstruction_differ_only_in_h():
+    model, batch = tiny()
+    model.eval()
+    h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
+    padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
+    h_f = model.global_vector(h_i, h_t)
+    glob = model.reconstruct(h_f, H_i, H_t, padding)
+    loc = model.reconstruct(model.shared_local.expand_as(h_f), H_i, H_t, padding)
+    same_h = model.reconstruct(h_f.clone(), H_i, H_t, padding)
+    torch.testing.assert_close(glob[0], same_h[0])
+    assert not torch.allclose(glob[0], loc[0])
+    with torch.no_grad():  # with h~ set to h_F of every sample the two paths coincide
+        model.shared_local.copy_(h_f[0])
+        one = h_f[:1].expand_as(h_f)
+        torch.testing.assert_close(model.reconstruct(one, H_i, H_t, padding)[0],
+                                   model.reconstruct(model.shared_local.expand_as(h_f), H_i, H_t, padding)[0])
+
+
+def test_loss_weights_follow_parameters():
+    model, batch = tiny()
+    model.eval()  # no dropout: the same masks (same generator seed) give comparable terms
+    run = lambda w: pretraining_loss(model, batch, w, momentum=None, generator=torch.Generator().manual_seed(3))
+    full_loss, parts = run(PretrainWeights(1.0, 1.0, 0.5, 1.0))
+    expected = parts["rec_global"] + parts["rec_local"] + 0.5 * parts["inter"] + 1.0 * parts["intra"]
+    assert full_loss.item() == pytest.approx(expected, rel=1e-5)
+    doubled, parts2 = run(PretrainWeights(2.0, 0.0, 0.0, 3.0))
+    assert set(parts2) == {"rec_global", "intra"}
+    assert doubled.item() == pytest.approx(2 * parts["rec_global"] + 3 * parts["intra"], rel=1e-5)
+
+
+def test_contrast_uses_captions_only():
+    model, batch = tiny()
+    model.eval()
+    no_captions = dict(batch, is_caption=torch.zeros(4, dtype=torch.long))
+    _, parts = pretraining_loss(model, no_captions, momentum=None, generator=torch.Generator().manual_seed(0))
+    assert "inter" not in parts and "intra" not in parts
+    with pytest.raises(ValueError, match="different lengths"):
+        pretraining_loss(model, dict(batch, answer=torch.tensor([0])))
+
+
+def test_answer_is_read_from_the_ans_slot():
+    model, batch = tiny()
+    model.eval()
+    h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
+    padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
+    _, _, _, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)
+    v = torch.cat([model.global_vector(h_i, h_t)[:, None], H_i, H_t], 1) + model.rec_pos[:, :1 + 4 + 5]
+    pad = torch.cat([torch.zeros(4, 5, dtype=torch.bool), padding], 1)
+    out = model.recnet(v, src_key_padding_mask=pad)
+    ans_positions = [1 + 4 + int((row == CompactVocabulary.ANS).nonzero()) for row in batch["tokens"][:, 1:]]
+    torch.testing.assert_close(state, out[torch.arange(4), ans_positions])
