@@ -5,9 +5,6 @@
 # %% ../nbs/04_balanced_contrastive.ipynb #c003
 from __future__ import annotations
 
-import math
-import random
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch

@@ -6,8 +6,7 @@
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch

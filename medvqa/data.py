@@ -5,7 +5,6 @@
 # %% ../nbs/01_data.ipynb #c003
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import re
@@ -13,7 +12,7 @@ import unicodedata
 import warnings
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -24,7 +23,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from .core import atomic_path, cache_root, check_choice, data_root, write_json
+from .core import atomic_path, cache_root, check_choice, data_root
 
 # %% auto #0
 __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',

@@ -5,7 +5,6 @@
 # %% ../nbs/03_knowledge.ipynb #c003
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ from typing import Iterable, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_choice, write_json
+from .core import check_choice, write_json
 from .data import VQARecord, normalize_answer
 
 # %% auto #0

@@ -10,9 +10,8 @@ import json
 import os
 import shutil
 import socket
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

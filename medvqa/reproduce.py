@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from .core import check_choice, load_profile, project_root, to_builtin, write_json
+from .core import load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'list_chapters', 'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides',

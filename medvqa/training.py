@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .core import check_choice, load_checkpoint, pick_device, save_checkpoint, seed_everything, set_rng_state
+from .core import load_checkpoint, pick_device, save_checkpoint, set_rng_state
 
 # %% auto #0
 __all__ = ['LossFn', 'TrainConfig', 'EpochShuffle', 'TrainResult', 'fit']
