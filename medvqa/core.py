@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -21,8 +22,8 @@ import yaml
 
 # %% auto #0
 __all__ = ['PROFILES', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir', 'profiles_dir',
-           'load_profile', 'seed_everything', 'pick_device', 'atomic_path', 'to_builtin', 'write_json', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'MetricsWriter', 'metrics_file']
+           'load_profile', 'seed_everything', 'pick_device', 'atomic_path', 'atomic_folder', 'to_builtin', 'write_json',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full")
@@ -137,6 +138,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def to_builtin(value: Any) -> Any:

@@ -23,7 +23,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from .core import atomic_path, cache_root, check_choice, data_root
+from .core import atomic_folder, atomic_path, cache_root, check_choice, data_root
 
 # %% auto #0
 __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
@@ -685,39 +685,34 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
     n_train, n_val = int(0.7 * len(groups)), int(0.15 * len(groups))
     split_of_group = {groups[g]: ("train" if k < n_train else "validate" if k < n_train + n_val else "test")
                       for k, g in enumerate(order)}
-    tmp = folder.with_name(folder.name + ".partial")
-    if tmp.exists():
-        import shutil; shutil.rmtree(tmp)
-    (tmp / "imgs").mkdir(parents=True)
-    splits: dict[str, list] = {"train": [], "validate": [], "test": []}
-    qid, captions = 0, {}
-    for scene in scenes:
-        name = f"synth{scene['image_id']}"
-        image, mask = draw_scene(scene, size)
-        (tmp / "imgs" / name).mkdir()
-        image.save(tmp / "imgs" / name / "source.png")
-        mask.save(tmp / "imgs" / name / "mask.png")
-        boxes = [{l["finding"]: [round((l["x"] - l["r"]) * size, 1), round((l["y"] - l["r"]) * size, 1),
-                                 round(2 * l["r"] * size, 1), round(2 * l["r"] * size, 1)]} for l in scene["lesions"]]
-        (tmp / "imgs" / name / "detection.json").write_text(json.dumps(boxes))
-        captions[name] = scene_caption(scene)
-        group = scene["twin_of"] if scene["twin_of"] is not None else scene["image_id"]
-        for item in scene_questions(scene, rng):
-            splits[split_of_group[group]].append({
-                "img_id": scene["image_id"], "img_name": f"{name}/source.png", "question": item["question"],
-                "answer": item["answer"], "q_lang": "en", "location": scene["region"], "modality": scene["modality"],
-                "answer_type": item["answer_type"], "base_type": item["base_type"],
-                "content_type": item["content_type"], "triple": ["vhead", "_", "_"], "qid": qid})
-            qid += 1
-    for split, rows in splits.items():
-        (tmp / f"{split}.json").write_text(json.dumps(rows, indent=1))
-    (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
-    (tmp / "scenes.json").write_text(json.dumps(scenes, indent=1))
-    (tmp / "mask.txt").write_text("\n".join(f"{v}:{k}" for k, v in sorted(MASK_CODES.items(), key=lambda kv: kv[1])))
-    write_knowledge_graph(tmp / "KG")
-    if folder.exists():
-        import shutil; shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        (tmp / "imgs").mkdir(parents=True)
+        splits: dict[str, list] = {"train": [], "validate": [], "test": []}
+        qid, captions = 0, {}
+        for scene in scenes:
+            name = f"synth{scene['image_id']}"
+            image, mask = draw_scene(scene, size)
+            (tmp / "imgs" / name).mkdir()
+            image.save(tmp / "imgs" / name / "source.png")
+            mask.save(tmp / "imgs" / name / "mask.png")
+            boxes = [{l["finding"]: [round((l["x"] - l["r"]) * size, 1), round((l["y"] - l["r"]) * size, 1),
+                                     round(2 * l["r"] * size, 1), round(2 * l["r"] * size, 1)]} for l in scene["lesions"]]
+            (tmp / "imgs" / name / "detection.json").write_text(json.dumps(boxes))
+            captions[name] = scene_caption(scene)
+            group = scene["twin_of"] if scene["twin_of"] is not None else scene["image_id"]
+            for item in scene_questions(scene, rng):
+                splits[split_of_group[group]].append({
+                    "img_id": scene["image_id"], "img_name": f"{name}/source.png", "question": item["question"],
+                    "answer": item["answer"], "q_lang": "en", "location": scene["region"], "modality": scene["modality"],
+                    "answer_type": item["answer_type"], "base_type": item["base_type"],
+                    "content_type": item["content_type"], "triple": ["vhead", "_", "_"], "qid": qid})
+                qid += 1
+        for split, rows in splits.items():
+            (tmp / f"{split}.json").write_text(json.dumps(rows, indent=1))
+        (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
+        (tmp / "scenes.json").write_text(json.dumps(scenes, indent=1))
+        (tmp / "mask.txt").write_text("\n".join(f"{v}:{k}" for k, v in sorted(MASK_CODES.items(), key=lambda kv: kv[1])))
+        write_knowledge_graph(tmp / "KG")
     return folder
 
 

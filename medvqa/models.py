@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import cache_root, check_choice
+from .core import atomic_folder, cache_root, check_choice
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
@@ -353,12 +353,9 @@ def convert_smollm2(dest: str | Path) -> Path:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(gguf_model.state_dict())
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with atomic_folder(dest) as tmp:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return dest
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from .core import load_profile, project_root, to_builtin, write_json
+from .core import atomic_path, load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'list_chapters', 'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides',
@@ -210,7 +210,6 @@ def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
     else:
         lines.append("No chapter run so far reports a number that the papers also report.")
     path = out_dir / "summary.md"
-    from medvqa.core import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -111,3 +111,15 @@ def test_metrics_writer(tmp_path):
     assert data["metrics"] == {"acc": 0.5} and data["history"] == [{"step": 3, "loss": 1.25}]
     assert data["results"][0]["metric"] == "overall_accuracy" and data["models"]["lm"]["name"] == "m"
     assert core.metrics_file("", "c", "smoke").name == "metrics.json"
+
+
+def test_atomic_folder_replaces_only_on_success(tmp_path):
+    target = tmp_path / "ds"
+    with core.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with core.atomic_folder(target) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .partial left behind
