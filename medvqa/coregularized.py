@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['contrastive', 'patchify', 'random_mask', 'CompactVocabulary', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel',
-           'PretrainWeights', 'pretraining_loss', 'derived_captions', 'PretrainingData', 'answer_loss',
-           'answer_accuracy']
+__all__ = ['contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary', 'CoRegConfig', 'SequenceEncoder',
+           'CoRegularizedModel', 'PretrainWeights', 'pretraining_loss', 'derived_captions', 'load_images',
+           'PretrainingData', 'answer_head', 'answer_loss', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -36,6 +36,16 @@ def patchify(images: torch.Tensor, patch: int = 8) -> torch.Tensor:
         raise ValueError(f"image side {S} is not a multiple of the patch size {patch}")
     x = images.unfold(2, patch, patch).unfold(3, patch, patch)  # [B, C, S/p, S/p, p, p]
     return x.permute(0, 2, 3, 1, 4, 5).reshape(B, (S // patch) ** 2, C * patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int = 8, channels: int = 3) -> torch.Tensor:
+    """Inverse of `patchify`: [B, n, C*p*p] -> [B, C, S, S] with S = p * sqrt(n)."""
+    B, n, _ = patches.shape
+    side = round(n ** 0.5)
+    if side * side != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    x = patches.reshape(B, side, side, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, channels, side * patch, side * patch)
 
 
 def random_mask(valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,6 +73,14 @@ class CompactVocabulary:
         seen = sorted({t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]})
         self.to_compact = {t: i + len(self.SPECIALS) for i, t in enumerate(seen)}
         self.to_wordpiece = {i: t for t, i in self.to_compact.items()}
+
+    @classmethod
+    def from_mapping(cls, to_compact: dict, tokenizer=None, max_length: int = 24) -> "CompactVocabulary":
+        """Rebuild a saved vocabulary from its {wordpiece id: compact id} mapping (keys may be strings, as in JSON)."""
+        vocab = cls([], tokenizer, max_length)
+        vocab.to_compact = {int(t): int(i) for t, i in to_compact.items()}
+        vocab.to_wordpiece = {i: t for t, i in vocab.to_compact.items()}
+        return vocab
 
     def __len__(self) -> int:
         return len(self.to_compact) + len(self.SPECIALS)
@@ -245,6 +263,18 @@ def derived_captions(records) -> dict[str, str]:
     return captions
 
 
+def load_images(records, image_size: int) -> dict[str, torch.Tensor]:
+    """{image_id: [3, S, S] tensor} for every distinct image of `records` (normalised as in `image_transform`)."""
+    from PIL import Image
+    from medvqa.data import image_transform
+    to_tensor, images = image_transform(image_size), {}
+    for r in records:
+        if r.image_id not in images:
+            with Image.open(r.image_path) as im:
+                images[r.image_id] = to_tensor(im.convert("RGB"))
+    return images
+
+
 class PretrainingData(torch.utils.data.Dataset):
     """Caption samples (reconstruction + contrast) and VQA samples (reconstruction only)."""
 
@@ -266,12 +296,17 @@ class PretrainingData(torch.utils.data.Dataset):
                 "is_caption": torch.tensor(is_caption)}
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c025
+def answer_head(model: CoRegularizedModel, patches: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FFN_A logits [B, A], downstream head H_o[:, -1] [B, d]) of RecNet(h_F, H_I, H_T) for the unmasked input."""
+    h_i, H_i, h_t, H_t = model.encode(patches, tokens)
+    padding = tokens[:, 1:] == CompactVocabulary.PAD
+    _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)
+    return logits, state
+
+
 def answer_loss(model: CoRegularizedModel, batch: dict) -> torch.Tensor:
     """Fine-tuning probe: cross-entropy of FFN_A on [h_F, H_I, H_T] of the unmasked input."""
-    h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
-    padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
-    logits = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)[2]
-    return F.cross_entropy(logits, batch["answer"], ignore_index=-1)
+    return F.cross_entropy(answer_head(model, batch["patches"], batch["tokens"])[0], batch["answer"], ignore_index=-1)
 
 
 @torch.no_grad()
@@ -282,8 +317,6 @@ def answer_accuracy(model: CoRegularizedModel, data, batch_size: int = 256) -> d
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
-        padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
-        pred = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)[2].argmax(1)
+        pred = answer_head(model, batch["patches"], batch["tokens"])[0].argmax(1)
         hits += (pred == batch["answer"]).tolist()
     return {"accuracy": sum(hits) / max(len(hits), 1)}

@@ -1,0 +1,231 @@
+"""Tests of CMDPI fine-tuning: Eq. 8 endpoints, head mixup (Eq. 11-12), pair finding, partners, Eq. 13 switches."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvqa.coregularized import CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_loss, unpatchify, patchify
+from medvqa.core import save_checkpoint
+from medvqa.data import VQARecord
+from medvqa.difference_reconstruction import (FineTuneData, FineTuneWeights, LambdaSampler, PartnerSampler,
+                                              accuracy_by_type, deviate, finetune_loss, load_pretrained, mix_heads,
+                                              mixed_targets, mixup_candidates, similar_candidates)
+
+
+def brute_force_candidates(features, threshold):
+    """Pair finding with plain loops over every ordered pair."""
+    out = []
+    for i in range(len(features)):
+        row = []
+        for j in range(len(features)):
+            cos = float(features[i] @ features[j]) / (float(features[i].norm()) * float(features[j].norm()))
+            if j != i and cos > threshold:
+                row.append(j)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("n, d, threshold", [(12, 3, 0.75), (30, 5, 0.2), (8, 2, -0.5), (20, 16, 0.0)])
+def test_similar_candidates_match_brute_force(n, d, threshold):
+    features = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    assert similar_candidates(features, threshold) == brute_force_candidates(features, threshold)
+
+
+def test_similar_candidates_bad_input_and_no_pairs():
+    with pytest.raises(ValueError, match="threshold"):
+        similar_candidates(torch.randn(4, 2), -1.5)
+    with pytest.raises(ValueError, match="N >= 2"):
+        similar_candidates(torch.randn(1, 2), 0.5)
+    orthogonal = torch.eye(4)
+    with pytest.warns(UserWarning, match="lower the threshold"):
+        sampler = PartnerSampler(similar_candidates(orthogonal, 0.75), "similar images")
+    assert sampler.alone == [0, 1, 2, 3] and [sampler.sample(i) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_partner_sampler_draws_only_candidates_and_repeats_with_seed():
+    sampler = PartnerSampler([[1, 2], [0], []])
+    torch.manual_seed(0)
+    first = [sampler.sample(0) for _ in range(50)]
+    torch.manual_seed(0)
+    assert [sampler.sample(0) for _ in range(50)] == first
+    assert set(first) == {1, 2} and sampler.sample(1) == 0 and sampler.sample(2) == 2
+
+
+def test_deviate_endpoints_and_per_sample_eps():
+    H, H_hat = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    assert torch.equal(deviate(H, H_hat, 1.0), H)
+    assert torch.equal(deviate(H, H_hat, 0.0), H_hat)
+    eps = torch.tensor([0.0, 0.25, 1.0])
+    out = deviate(H, H_hat, eps)
+    for b in range(3):
+        assert torch.allclose(out[b], eps[b] * H[b] + (1 - eps[b]) * H_hat[b])
+
+
+def test_mixed_targets_and_heads():
+    lam = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    a, b = torch.randint(7, (64,)), torch.randint(7, (64,))
+    targets = mixed_targets(a, b, lam, 7)
+    assert torch.allclose(targets.sum(1), torch.ones(64))
+    for i in range(64):  # the label of each sample, built by hand
+        expected = [0.0] * 7
+        expected[a[i]] += float(lam[i])
+        expected[b[i]] += 1 - float(lam[i])
+        assert torch.allclose(targets[i], torch.tensor(expected))
+    h, h_hat = torch.randn(64, 3), torch.randn(64, 3)
+    assert torch.allclose(mix_heads(h, h_hat, lam)[5], lam[5] * h[5] + (1 - lam[5]) * h_hat[5])
+    with pytest.raises(ValueError, match=">= 0"):
+        mixed_targets(torch.tensor([-1]), torch.tensor([0]), torch.tensor([0.5]), 3)
+
+
+def test_lambda_sampler_strategies():
+    torch.manual_seed(0)
+    assert torch.equal(LambdaSampler.parse("fixed:0.3").sample(5), torch.full((5,), 0.3))
+    u = LambdaSampler.parse("uniform").sample(20000)
+    assert 0 <= u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.01
+    beta = LambdaSampler.parse("beta:0.2:1.0").sample(20000)
+    assert abs(beta.mean().item() - 0.2 / 1.2) < 0.01  # the Beta(a, b) mean a / (a + b)
+    for bad in ("gauss", "beta:0:1", "fixed:2", "uniform:3", "beta:x:1"):
+        with pytest.raises(ValueError, match="unknown lambda strategy"):
+            LambdaSampler.parse(bad)
+
+
+def record(i, organ, qtype, answer="yes", answer_type="closed", image="0"):
+    return VQARecord("synthetic", "train", str(i), image, None, f"question {i}", answer, answer_type, qtype, organ)
+
+
+def test_mixup_partners_share_organ_and_question_type():
+    rng = torch.Generator().manual_seed(3)
+    organs, types = ["Head", "Chest", None], ["Size", "Organ", "Modality", None]
+    records = [record(i, organs[int(torch.randint(3, (), generator=rng))], types[int(torch.randint(4, (), generator=rng))])
+               for i in range(80)]
+    candidates = mixup_candidates(records)
+    for i, c in enumerate(candidates):
+        same = [j for j, r in enumerate(records) if j != i and (r.organ, r.question_type) == (records[i].organ, records[i].question_type)]
+        assert c == same
+    singles = mixup_candidates([record(0, "Head", "Size"), record(1, "Head", "Color")])
+    assert singles == [[], []]
+
+
+class TinyTokenizer:
+    """Whitespace tokenizer with a fixed word list (stands in for MiniLM's WordPiece)."""
+    words = ["question"] + [str(i) for i in range(100)]
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.words.index(w) for w in text.split()]}
+
+
+def tiny_setup(n=12):
+    torch.manual_seed(0)
+    vocab = CompactVocabulary([f"question {i}" for i in range(n)], tokenizer=TinyTokenizer(), max_length=6)
+    cfg = CoRegConfig(vocab_size=len(vocab), n_answers=3, image_size=16, patch=8, dim=16, encoder_layers=1,
+                      recnet_layers=1, heads=2, text_length=6)
+    answers = ["yes", "no", "2"]
+    records = [record(i, "Head" if i % 2 else "Chest", "Size" if i % 3 else "Organ", answers[i % 3],
+                      "open" if i % 3 == 2 else "closed", image=str(i % 6)) for i in range(n)]
+    images = {str(k): torch.randn(3, 16, 16) for k in range(6)}
+    return CoRegularizedModel(cfg), vocab, answers, records, images
+
+
+def test_finetune_data_partners_and_fields():
+    _, vocab, answers, records, images = tiny_setup()
+    data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]})
+    torch.manual_seed(0)
+    for i in range(len(data)):
+        item = data[i]
+        assert torch.equal(item["patches"], patchify(images[records[i].image_id][None], 8)[0])
+        image = records[i].image_id
+        partner = {"0": "1", "1": "0"}.get(image, image)  # images 2-5 have no partner: themselves
+        assert torch.equal(item["partner_patches"], patchify(images[partner][None], 8)[0])
+        mate = [j for j in range(len(records)) if torch.equal(data.tokens[j], item["mix_tokens"])][0]
+        assert (records[mate].organ, records[mate].question_type) == (records[i].organ, records[i].question_type)
+        assert mate != i and item["mix_answer"] == answers.index(records[mate].answer)
+    bad = records + [record(99, "Head", "Size", answer="maybe")]
+    with pytest.raises(ValueError, match="record 99.*'answer'"):
+        FineTuneData(bad, images, vocab, answers, 8)
+
+
+def test_mixup_with_lambda_one_equals_plain_loss_and_switches():
+    model, vocab, answers, records, images = tiny_setup()
+    data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]})
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+    model.eval()
+    with torch.no_grad():
+        plain = answer_loss(model, batch)
+        one, parts = finetune_loss(model, batch, FineTuneWeights(difference=False), LambdaSampler.parse("fixed:1"))
+        assert torch.allclose(one, plain, atol=1e-6) and set(parts) == {"answer"}
+        # lambda = 0 scores the partner's head against the partner's answer
+        zero, _ = finetune_loss(model, batch, FineTuneWeights(difference=False), LambdaSampler.parse("fixed:0"))
+        partner = answer_loss(model, {"patches": batch["mix_patches"], "tokens": batch["mix_tokens"], "answer": batch["mix_answer"]})
+        assert torch.allclose(zero, partner, atol=1e-6)
+        # weights scale the two terms of Eq. 13
+        torch.manual_seed(5)
+        full, p = finetune_loss(model, batch, FineTuneWeights(mix=1.0, diff=1.0))
+        torch.manual_seed(5)
+        weighted, q = finetune_loss(model, batch, FineTuneWeights(mix=0.5, diff=2.0))
+        assert set(p) == {"diff", "answer"} and math.isclose(p["diff"], q["diff"], rel_tol=1e-6)
+        assert torch.allclose(weighted, 0.5 * torch.tensor(q["answer"]) + 2.0 * torch.tensor(q["diff"]), atol=1e-5)
+        assert torch.allclose(full, torch.tensor(p["answer"] + p["diff"]), atol=1e-5)
+
+
+def test_difference_loss_reconstructs_the_current_image():
+    """With the partner equal to the sample itself, L_diff is the plain reconstruction of the current input."""
+    model, vocab, answers, records, images = tiny_setup()
+    data = FineTuneData(records, images, vocab, answers, 8)  # no candidates: every image is its own partner
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]}
+    model.eval()
+    with torch.no_grad():
+        _, parts = finetune_loss(model, batch, FineTuneWeights(mixup=False))
+        h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
+        text = batch["tokens"][:, 1:]
+        pad = text == CompactVocabulary.PAD
+        out_i, out_t, _, _ = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
+        real = ~pad & (text != CompactVocabulary.ANS)
+        expected = F.mse_loss(out_i, batch["patches"]) + F.cross_entropy(out_t[real], text[real])
+    assert math.isclose(parts["diff"], expected.item(), rel_tol=1e-5)
+
+
+def test_finetune_step_lowers_the_loss():
+    model, vocab, answers, records, images = tiny_setup()
+    data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]})
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(0)  # the same eps and lambda each step, so the losses are comparable
+        loss, _ = finetune_loss(model, batch, FineTuneWeights(), LambdaSampler.parse("fixed:0.7"))
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_accuracy_by_type_counts():
+    records = [record(0, "Head", "Size", "Yes", "closed"), record(1, "Head", "Size", "no", "closed"),
+               record(2, "Head", "Size", "2", "open"), record(3, "Head", "Size", "liver", "open")]
+    acc = accuracy_by_type(records, ["yes", "yes", "2", ""])
+    assert (acc["closed"], acc["open"], acc["overall"], acc["n_open"]) == (0.5, 0.5, 0.5, 2)
+    with pytest.raises(ValueError, match="3 predictions for 4 records"):
+        accuracy_by_type(records, ["yes"] * 3)
+
+
+def test_load_pretrained_round_trip_and_errors(tmp_path):
+    model, vocab, answers, _, _ = tiny_setup()
+    path = save_checkpoint(tmp_path / "pretrained.pt", step=1, model=model.state_dict(),
+                           config={"model": vars(model.config), "answers": answers, "dataset": "synthetic",
+                                   "vocab": {str(k): v for k, v in vocab.to_compact.items()}})
+    loaded, vocab2, answers2, cfg = load_pretrained(path)
+    assert answers2 == answers and vocab2.to_compact == vocab.to_compact and cfg["dataset"] == "synthetic"
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p)
+    with pytest.raises(FileNotFoundError, match="run chapter 05 first"):
+        load_pretrained(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "other.pt", step=1, config={"train": {}}, model={})
+    with pytest.raises(ValueError, match="not a chapter 05 checkpoint"):
+        load_pretrained(tmp_path / "other.pt")
+
+
+def test_unpatchify_inverts_patchify():
+    x = torch.randn(2, 3, 24, 24)
+    assert torch.equal(unpatchify(patchify(x, 8), 8), x)
