@@ -27,7 +27,8 @@ __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FI
            'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
            'SmallViT', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder', 'load_image_encoder',
            'biomedclip_config', 'write_open_clip_folder', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder',
-           'load_causal_lm', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'lora_config', 'apply_lora', 'count_parameters',
+           'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               "smollm2-135m", "BaMCo"),
     ModelSpec("llama-3.2-3b", "causal-lm", "hub", "meta-llama/Llama-3.2-3B", "Llama 3.2 3B (gated)", "smollm2-135m", "BaMCo"),
     ModelSpec("pmc-llama-13b", "causal-lm", "hub", "axiong/PMC_LLaMA_13B", "PMC-LLaMA 13B", "smollm2-135m", "BioD2C"),
+    ModelSpec("tiny-llama", "causal-lm", "built-in", None,
+              "a 2-layer, 128-wide Llama over the tokens of a corpus (SmolLM2's tokenizer, remapped), random weights: "
+              "a chapter pre-trains it on its dataset's text so that LLM chapters run in minutes on a CPU"),
 ]}
 
 
@@ -376,6 +380,8 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
     """(model, tokenizer) of a causal LM by registry name; `local_dir` for a downloaded copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = model_spec(name, "causal-lm")
+    if name == "tiny-llama":
+        raise ValueError("'tiny-llama' is built from a corpus: use tiny_llama(CompactTokenizer(texts)) and pre-train it")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if local_dir is not None or name == "smollm2-135m":
         folder = require_files(local_dir or smollm2_folder(), LM_FILES, name)
@@ -387,7 +393,45 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
-# %% ../nbs/02_models.ipynb #c032
+
+class CompactTokenizer:
+    """A base tokenizer (SmolLM2's by default) restricted to the tokens of a corpus, with ids 0..n-1.
+
+    0 is padding, 1 end of sequence, 2 a token not seen in the corpus; the rest are the corpus tokens in base-id order."""
+    pad_token_id, eos_token_id, unk_token_id = 0, 1, 2
+
+    def __init__(self, texts: Sequence[str], base: Any = None):
+        if base is None:
+            from transformers import AutoTokenizer
+            base = AutoTokenizer.from_pretrained(smollm2_folder())
+        self.base = base
+        seen = sorted({t for text in texts for t in base(text, add_special_tokens=False)["input_ids"]})
+        self.to_compact = {t: i + 3 for i, t in enumerate(seen)}
+        self.to_base = {i: t for t, i in self.to_compact.items()}
+
+    def __len__(self) -> int:
+        return len(self.to_compact) + 3
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [self.to_compact.get(t, self.unk_token_id) for t in self.base(text, add_special_tokens=False)["input_ids"]]}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i in self.to_base]
+        return self.base.decode([self.to_base.get(i, self.base.unk_token_id or 0) for i in ids])
+
+
+def tiny_llama(vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4, max_positions: int = 512) -> nn.Module:
+    """The 'tiny-llama' stand-in: a small random Llama for a `CompactTokenizer` vocabulary (tied input/output embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, pad_token_id=CompactTokenizer.pad_token_id,
+                         bos_token_id=CompactTokenizer.eos_token_id, eos_token_id=CompactTokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+# %% ../nbs/02_models.ipynb #c034
 LORA_PRESETS: dict[str, dict[str, Any]] = {
     "bamco": {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
     "biod2c": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
@@ -417,7 +461,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-# %% ../nbs/02_models.ipynb #c036
+# %% ../nbs/02_models.ipynb #c038
 def describe_model(name: str, model: nn.Module | None = None, load_seconds: float | None = None) -> dict[str, Any]:
     """A metrics-ready description of a registry model (source, hub id, parameter count, load time)."""
     spec = model_spec(name)

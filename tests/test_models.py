@@ -167,3 +167,28 @@ def test_describe_model_records_source_and_size():
     assert info["source"] == "built-in" and info["parameters"] == sum(p.numel() for p in vit.parameters())
     assert info["load_seconds"] == 0.123
     json.dumps(info)
+
+
+def test_compact_tokenizer_round_trip_and_unknowns(smollm2):
+    _, base = smollm2
+    corpus = ["CT image of the liver.", "Is there a nodule? Yes"]
+    tok = models.CompactTokenizer(corpus, base)
+    seen = {t for text in corpus for t in base(text, add_special_tokens=False)["input_ids"]}
+    assert len(tok) == len(seen) + 3
+    ids = tok("Is there a nodule of the liver?")["input_ids"]
+    assert min(ids) >= 3 and tok.decode(ids) == "Is there a nodule of the liver?"
+    unseen = tok("zebra crossing")["input_ids"]
+    assert tok.unk_token_id in unseen
+    assert tok.decode([tok.pad_token_id] + ids + [tok.eos_token_id]) == tok.decode(ids)  # specials are skipped
+    # ids follow the base tokenizer's order, so the mapping is the same for the same corpus
+    assert models.CompactTokenizer(list(reversed(corpus)), base).to_compact == tok.to_compact
+
+
+def test_tiny_llama_and_its_refusal_in_load_causal_lm():
+    lm = models.tiny_llama(50, width=32, layers=2, heads=4)
+    assert lm.config.vocab_size == 50 and lm.config.num_hidden_layers == 2
+    assert lm.get_input_embeddings().weight is lm.get_output_embeddings().weight  # tied
+    out = lm(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]]))
+    assert out.logits.shape == (1, 3, 50) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="built from a corpus"):
+        models.load_causal_lm("tiny-llama")

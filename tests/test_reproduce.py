@@ -80,6 +80,16 @@ def test_every_profile_key_is_a_parameter_of_some_chapter():
         assert not unused, f"profiles/{profile}.yaml sets {unused}, which no chapter declares"
 
 
+def test_every_parameter_line_is_understood_by_papermill():
+    """papermill skips a line it cannot parse (for example a comment with '=' or parentheses) with only a warning."""
+    import re
+    for chapter in rep.list_chapters() + [rep.RUNNER_CHAPTER]:
+        nb = nbformat.read(str(project_root() / "nbs" / f"{chapter}.ipynb"), as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = [m.group(1) for m in (re.match(r"^(\w+)\s*(?::[^=]+)?=", line) for line in cell.source.splitlines()) if m]
+        assert list(rep.notebook_parameters(project_root() / "nbs" / f"{chapter}.ipynb")) == assigned, chapter
+
+
 def test_every_chapter_validates_its_profile_parameter():
     for chapter in rep.list_chapters() + [rep.RUNNER_CHAPTER]:
         params = rep.notebook_parameters(project_root() / "nbs" / f"{chapter}.ipynb")

@@ -1,0 +1,241 @@
+"""Tests of BioD2C's pieces: MFE (counts, pooled values, coverage), the gate, the text-queue KL, the LM wiring."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvqa.gated_fusion import (FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss,
+                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, text_queue_kl)
+
+
+@pytest.mark.parametrize("scales, m", [(1, 1), (2, 5), (3, 21), (6, 1365)])
+def test_mfe_token_count(scales, m):
+    assert mfe_token_count(scales) == m
+    assert multi_scale_features(torch.randn(2, 2 ** (scales - 1), 2 ** (scales - 1), 3), scales).shape == (2, m, 3)
+
+
+@pytest.mark.parametrize("n, scales", [(8, 4), (14, 4), (7, 3), (32, 6)])
+def test_mfe_blocks_match_direct_pooling(n, scales):
+    x = torch.randn(2, n, n, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    out = multi_scale_features(x, scales)
+    token = 0
+    for s in range(1, scales + 1):
+        bounds = block_bounds(n, 2 ** (s - 1))
+        for r0, r1 in bounds:
+            for c0, c1 in bounds:
+                block = x[:, r0:r1, c0:c1].reshape(2, -1, 5)
+                assert torch.allclose(out[:, token], block.amax(1) + block.mean(1)), (s, r0, c0)
+                token += 1
+    assert token == mfe_token_count(scales)
+
+
+@pytest.mark.parametrize("n, grid", [(14, 8), (7, 4), (10, 3), (8, 8), (5, 1)])
+def test_block_bounds_cover_every_cell(n, grid):
+    bounds = block_bounds(n, grid)
+    covered = set()
+    for start, end in bounds:
+        assert 0 <= start < end <= n
+        covered |= set(range(start, end))
+    assert covered == set(range(n)) and len(bounds) == grid
+
+
+def test_mfe_bad_input():
+    with pytest.raises(ValueError, match="smaller than the finest grid"):
+        multi_scale_features(torch.randn(1, 7, 7, 2), 4)
+    with pytest.raises(ValueError, match="square feature map"):
+        multi_scale_features(torch.randn(1, 4, 5, 2), 2)
+
+
+def kl_loop(image, text, queue, tau, mask=None):
+    """Eq. 3-4 with plain loops."""
+    B, K = queue.shape[:2]
+    total = 0.0
+    for b in range(B):
+        real = [k for k in range(K) if mask is None or mask[b, k]]
+        def sims(x):
+            return [sum(float(F.cosine_similarity(x[b, l], queue[b, k, l], dim=0)) for l in range(x.shape[1])) / x.shape[1] / tau
+                    for k in real]
+        sv, st = sims(image), sims(text)
+        zv, zt = math.log(sum(math.exp(v) for v in sv)), math.log(sum(math.exp(v) for v in st))
+        total += sum(math.exp(v - zv) * ((v - zv) - (t - zt)) for v, t in zip(sv, st))
+    return total / B
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_text_queue_kl_matches_loop(use_mask):
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    queue = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool) if use_mask else None
+    for tau in (0.1, 1.0):
+        assert abs(text_queue_kl(image, text, queue, tau, mask).item() - kl_loop(image, text, queue, tau, mask)) < 1e-8
+
+
+def test_text_queue_kl_properties_and_padding():
+    g = torch.Generator().manual_seed(2)
+    image, text, queue = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g), torch.randn(4, 6, 3, 8, generator=g)
+    assert abs(text_queue_kl(image, image, queue).item()) < 1e-6
+    for seed in range(5):
+        t = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(seed))
+        assert text_queue_kl(image, t, queue).item() >= 0
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    p = queue_distribution(image, queue, mask)
+    assert torch.equal(p[:, 4:], torch.zeros(4, 2)) and torch.allclose(p.sum(1), torch.ones(4))
+    # padded rows change nothing: the same as a queue without them
+    assert torch.allclose(text_queue_kl(image, text, queue, 0.1, mask), text_queue_kl(image, text, queue[:, :4]))
+    # batchmean: the sum over the queue averaged over samples, not the mean over elements
+    p_v, p_t = queue_distribution(image, queue[:, :4]), queue_distribution(text, queue[:, :4])
+    assert torch.allclose(text_queue_kl(image, text, queue[:, :4]), F.kl_div(p_t.log(), p_v, reduction="batchmean"), atol=1e-6)
+
+
+def test_text_queue_kl_bad_input():
+    image, queue = torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="empty"):
+        text_queue_kl(image, image, queue[:, :0])
+    with pytest.raises(ValueError, match="all padding"):
+        text_queue_kl(image, image, queue, queue_mask=torch.tensor([[True] * 5, [False] * 5]))
+    with pytest.raises(ValueError, match="same"):
+        text_queue_kl(image, torch.randn(2, 4, 4), queue)
+    with pytest.raises(ValueError, match="queue must be"):
+        text_queue_kl(image, image, torch.randn(2, 5, 2, 4))
+
+
+def test_gate_starts_at_tanh_beta_and_plain_variant():
+    torch.manual_seed(0)
+    fusion = GatedFusion(vision_dim=6, width=12, visual_side=2, scales=3, layers=1, heads=2, beta_init=0.1, dim=8).eval()
+    patches, question = torch.randn(3, 4, 4, 6), torch.randn(3, 4, 12)
+    with torch.no_grad():
+        out, x_t = fusion(patches, question)
+        memory = fusion.memory(multi_scale_features(patches, 3)) + fusion.block_pos
+        x_vt = fusion.decoder(fusion.query(fusion.text_mlp(question)), memory)
+        plain = fusion.proj(F.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2))
+    assert torch.allclose(out, plain + fusion.proj_g(x_vt) * math.tanh(0.1), atol=1e-6)
+    assert abs(fusion.gate - math.tanh(0.1)) < 1e-7 and torch.allclose(x_t, fusion.text_mlp(question))
+    with pytest.raises(ValueError, match="pad or cut"):
+        fusion(patches, torch.randn(3, 5, 12))
+    plain_fusion = GatedFusion(vision_dim=6, width=12, visual_side=2, fuse=False)
+    assert plain_fusion.gate == 0.0 and not hasattr(plain_fusion, "decoder")
+
+
+def test_cross_attention_is_a_distribution_over_blocks():
+    torch.manual_seed(0)
+    fusion = GatedFusion(vision_dim=6, width=12, visual_side=2, scales=3, layers=2, heads=2, dim=8).eval()
+    weights = cross_attention(fusion, torch.randn(2, 4, 4, 6), torch.randn(2, 4, 12), torch.zeros(2, 4, dtype=torch.bool))
+    assert weights.shape == (2, 4, mfe_token_count(3))
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4), atol=1e-5)
+
+
+class KB:
+    def vocabulary(self):
+        return {"liver": "Liver", "nodule": "Nodule", "heart": "Heart"}
+
+    def definition(self, entity):
+        return {"Liver": "an organ", "Nodule": "a small growth"}.get(entity)
+
+    def relations(self, entity):
+        return {"Liver": [("function", "metabolism")], "Heart": [("function", "pumps blood")]}.get(entity, [])
+
+
+def test_queue_texts():
+    texts = queue_texts("CT of the liver.", "Is there a nodule? yes", KB(), 10)
+    assert texts == ["CT of the liver.", "Liver: an organ", "Liver function metabolism", "Nodule: a small growth"]
+    assert queue_texts(None, "nothing here", KB(), 10) == []
+    assert len(queue_texts("CT of the liver.", "nodule?", KB(), 2)) == 2
+
+
+class TinyTokenizer:
+    """Character-level tokenizer: ids 3.. for characters; 0 = pad, 2 = eos."""
+    pad_token_id, eos_token_id = 0, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 60) for c in text]}
+
+
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_data(queues=True):
+    features = {"a": torch.randn(4, 4, 6), "b": torch.randn(4, 4, 6)}
+    items = [("a", "q1?", "yes"), ("b", "where?", "left"), ("a", "q2?", "no")]
+    return FusionData(items, features, TinyTokenizer(), 4, {"a": ["ct", "liver"], "b": ["x"]} if queues else None,
+                      queue_size=3, prompt="Q{question}A")
+
+
+def test_fusion_data_layout():
+    data = tiny_data()
+    row = data[1]
+    prompt, answer = [3 + ord(c) % 60 for c in "Qwhere?A"], [3 + ord(c) % 60 for c in " left"] + [2]
+    width = data.text_ids.shape[1]
+    assert row["text_ids"][-len(prompt + answer):].tolist() == prompt + answer  # left padding
+    assert row["text_mask"].sum() == len(prompt + answer) and row["text_mask"][: width - len(prompt + answer)].sum() == 0
+    assert row["labels"][-len(answer):].tolist() == answer and (row["labels"][:-len(answer)] == -100).all()
+    assert row["prompt_ids"][-len(prompt):].tolist() == prompt
+    assert row["query_ids"].tolist() == [3 + ord(c) % 60 for c in "wher"] and row["query_mask"].all()  # cut to L = 4
+    assert row["queue_mask"].tolist() == [True, False, False] and data[0]["queue_mask"].tolist() == [True, True, False]
+
+
+def test_nll_only_scores_answer_tokens_and_matches_full_logits():
+    lm, data = tiny_lm(), tiny_data()
+    fusion = GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8)
+    model = FusionVQA(lm, fusion).eval()
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    with torch.no_grad():
+        visual, _ = model.visual_prefix(batch)
+        nll = model.nll(visual, batch)
+        inputs = model._inputs(visual, batch["text_ids"], batch["text_mask"])
+        logits = lm(**inputs).logits[:, visual.shape[1]:]  # every position, through the model's own head
+        labels = batch["labels"]
+        expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(nll, expected, atol=1e-5)
+
+
+def test_fusion_loss_weights_and_training_step():
+    lm, data = tiny_lm(), tiny_data()
+    model = FusionVQA(lm, GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8))
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        only_nll, parts0 = fusion_loss(model, batch, 0.0)
+        both, parts = fusion_loss(model, batch, 2.0)
+    assert "sem" not in parts0 and math.isclose(parts0["nll"], parts["nll"], rel_tol=1e-6)
+    assert torch.allclose(both, torch.tensor(parts["nll"] + 2.0 * parts["sem"]), atol=1e-5)
+    from medvqa.models import apply_lora
+    model.lm = apply_lora(lm, "biod2c")  # stage 2: LoRA adapters + the fusion module; the base LM stays frozen
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            return fusion_loss(model, batch, 1.0)[0].item()
+
+    first = eval_loss()
+    for _ in range(40):
+        model.train()
+        loss, _ = fusion_loss(model, batch, 1.0)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert eval_loss() < 0.97 * first  # a frozen random LM leaves little room, but the loss must fall
+    base = [p for n, p in model.lm.named_parameters() if "lora" not in n]
+    assert all(p.grad is None for p in base) and any(p.grad is not None for p in model.fusion.parameters())
+
+
+def test_generate_returns_new_tokens_only():
+    lm, data = tiny_lm(), tiny_data(queues=False)
+    model = FusionVQA(lm, GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8)).eval()
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    ids = model.generate(batch, max_new_tokens=3, eos_token_id=2)
+    assert ids.shape[0] == 3 and ids.shape[1] <= 3
+
+
+def test_language_model_data_rows():
+    from medvqa.gated_fusion import LanguageModelData
+    data = LanguageModelData(["ab", "abcd"], TinyTokenizer(), max_length=3)
+    assert data.ids.tolist() == [[3 + ord("a") % 60, 3 + ord("b") % 60, 2], [3 + ord("a") % 60, 3 + ord("b") % 60, 2]]
+    short = LanguageModelData(["a", "abc"], TinyTokenizer())
+    assert short.labels[0].tolist() == [3 + ord("a") % 60, 2, -100, -100] and short.mask[0].tolist() == [1, 1, 0, 0]
