@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from .core import check_range, load_checkpoint, run_dir
 from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head, patchify)
-from .data import ANSWER_TYPES, normalize_answer
+from .data import normalize_answer
 
 # %% auto #0
 __all__ = ['pretrained_file', 'load_pretrained', 'similar_candidates', 'PartnerSampler', 'image_features', 'mixup_candidates',
            'FineTuneData', 'deviate', 'mix_heads', 'mixed_targets', 'LambdaSampler', 'FineTuneWeights', 'finetune_loss',
-           'predict_answers', 'accuracy_by_type']
+           'predict_answers']
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c008
 def pretrained_file(path: str | Path = "", profile: str = "smoke") -> Path:
@@ -231,17 +231,3 @@ def predict_answers(model: CoRegularizedModel, data: FineTuneData, answers: Sequ
         logits, _ = answer_head(model, patches.to(next(model.parameters()).device), data.tokens[start:rows.stop].to(patches.device))
         out += [answers[k] for k in logits.argmax(1).tolist()]
     return out
-
-
-def accuracy_by_type(records: Sequence, predictions: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy (normalised answers) on open, closed and all questions, with their counts."""
-    if len(records) != len(predictions):
-        raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
-    hits = {t: [] for t in ANSWER_TYPES}
-    for r, p in zip(records, predictions):
-        if r.answer_type not in hits:
-            raise ValueError(f"record {r.qid}: unknown answer_type {r.answer_type!r}")
-        hits[r.answer_type].append(normalize_answer(p) == normalize_answer(r.answer) != "")
-    every = hits["open"] + hits["closed"]
-    out = {t: sum(h) / len(h) if h else float("nan") for t, h in hits.items()}
-    return {**out, "overall": sum(every) / len(every), "n_open": len(hits["open"]), "n_closed": len(hits["closed"])}

@@ -10,7 +10,7 @@ from medvqa.coregularized import CompactVocabulary, CoRegConfig, CoRegularizedMo
 from medvqa.core import save_checkpoint
 from medvqa.data import VQARecord
 from medvqa.difference_reconstruction import (FineTuneData, FineTuneWeights, LambdaSampler, PartnerSampler,
-                                              accuracy_by_type, deviate, finetune_loss, load_pretrained, mix_heads,
+                                              deviate, finetune_loss, load_pretrained, mix_heads,
                                               mixed_targets, mixup_candidates, similar_candidates)
 
 
@@ -199,15 +199,6 @@ def test_finetune_step_lowers_the_loss():
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
-
-
-def test_accuracy_by_type_counts():
-    records = [record(0, "Head", "Size", "Yes", "closed"), record(1, "Head", "Size", "no", "closed"),
-               record(2, "Head", "Size", "2", "open"), record(3, "Head", "Size", "liver", "open")]
-    acc = accuracy_by_type(records, ["yes", "yes", "2", ""])
-    assert (acc["closed"], acc["open"], acc["overall"], acc["n_open"]) == (0.5, 0.5, 0.5, 2)
-    with pytest.raises(ValueError, match="3 predictions for 4 records"):
-        accuracy_by_type(records, ["yes"] * 3)
 
 
 def test_load_pretrained_round_trip_and_errors(tmp_path):

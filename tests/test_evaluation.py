@@ -1,0 +1,124 @@
+"""Tests of the scoring modes (strict, BaMCo's rule, LLaVA-Med's rule), text metrics, intervals and prediction files."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medvqa.data import VQARecord
+from medvqa.evaluation import (SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, question_kind,
+                               read_predictions, rouge1, score_answer, score_predictions, score_records, text_metrics,
+                               write_predictions)
+
+CASES = [  # prediction, reference, answer type, expected strict / bamco / llava-med
+    ("Yes", "yes", "closed", (1, 1, 1)),
+    ("yes.", "yes", "closed", (1, 0, 1)),  # bamco does not strip punctuation
+    ("no", "yes", "closed", (0, 0, 0)),
+    ("", "left lung", "open", (0, 1, 0)),  # bamco: the empty string is contained in every reference
+    ("normal", "no", "closed", (0, 0, 1)),  # llava-med: "normal" contains "no"
+    ("no", "normal", "open", (0, 1, 0)),  # bamco: "no" is contained in "normal"
+    ("the left lung", "left lung", "open", (1, 1, 1)),  # strict drops articles
+    ("lung", "left lung", "open", (0, 1, 0.5)),  # llava-med: recall of the reference's words
+    ("liver, spleen", "spleen", "open", (0, 1, 1)),
+    ("Left Lung", "left lung", "open", (1, 1, 1)),
+    ("2", "two", "open", (1, 0, 0)),  # strict maps number words to digits
+]
+
+
+@pytest.mark.parametrize("prediction, reference, answer_type, expected", CASES)
+def test_scoring_modes_on_hand_made_cases(prediction, reference, answer_type, expected):
+    for mode, value in zip(SCORING_MODES, expected):
+        assert score_answer(prediction, reference, answer_type, mode) == value, mode
+
+
+def test_bamco_decides_open_or_closed_by_the_reference():
+    assert question_kind("yes", "open", "bamco") == "closed"  # a yes/no reference is closed whatever the dataset says
+    assert question_kind("left", "closed", "bamco") == "open"
+    assert question_kind("left", "closed", "strict") == "closed"
+    # so "Is the lesion on the left or right? - left" is open under bamco and scored by containment
+    assert score_answer("left side", "left", "closed", "bamco") == 1.0
+    assert score_answer("left side", "left", "closed", "strict") == 0.0
+
+
+def test_score_predictions_counts_and_errors():
+    out = score_predictions(["yes", "", "left lung", "no"], ["yes", "liver", "right lung", "yes"],
+                            ["closed", "open", "open", "closed"])
+    assert (out["closed"], out["open"], out["overall"], out["n_open"], out["n_closed"]) == (0.5, 0.0, 0.25, 2, 2)
+    assert score_predictions(["", ""], ["a", "b"], ["open", "open"], "bamco")["open"] == 1.0
+    with pytest.raises(ValueError, match="same length"):
+        score_predictions(["yes"], ["yes", "no"], ["closed"] * 2)
+    with pytest.raises(ValueError, match="unknown answer type"):
+        score_predictions(["yes"], ["yes"], ["boolean"])
+    with pytest.raises(ValueError, match="unknown scoring mode"):
+        score_predictions(["yes"], ["yes"], ["closed"], "exact")
+    recs = [VQARecord("synthetic", "test", "1", "0", None, "q", "Yes", "closed")]
+    assert score_records(recs, ["yes"])["closed"] == 1.0
+    with pytest.raises(ValueError, match="2 predictions for 1 records"):
+        score_records(recs, ["yes", "no"])
+
+
+def test_bleu1_and_rouge1_on_known_pairs():
+    # BLEU-1: clipped unigram precision times the brevity penalty exp(1 - r / c) when the candidate is shorter
+    assert bleu1(["the left lung"], ["left lung"])[0] == pytest.approx(2 / 3)
+    assert bleu1(["lung"], ["left lung"])[0] == pytest.approx(1.0 * math.exp(1 - 2 / 1))
+    assert bleu1(["Left Lung"], ["left lung"])[0] == pytest.approx(1.0)
+    assert bleu1([""], ["left lung"])[0] == 0.0
+    # ROUGE-1 F: 2 P R / (P + R) over unigrams
+    assert rouge1(["the left lung"], ["left lung"])[0] == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert rouge1(["right kidney"], ["left lung"])[0] == 0.0
+
+
+def test_bertscore_offline_and_text_metrics():
+    same, other = bert_scores(["left lung", "left lung"], ["left lung", "liver"], "minilm")
+    assert same == pytest.approx(1.0, abs=1e-4) and other < same
+    metrics = text_metrics(["left lung"], ["left lung"], None)
+    assert metrics == {"bleu1": pytest.approx(1.0), "rouge1": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        text_metrics(["a", "b"], ["a"], None)
+
+
+def test_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    small = (rng.random(50) < 0.7).astype(float)
+    large = (rng.random(5000) < 0.7).astype(float)
+    lo_s, hi_s = bootstrap_interval(small, 1000)
+    lo_l, hi_l = bootstrap_interval(large, 1000)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 4  # about 1 / sqrt(100) as wide
+    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    assert bootstrap_interval([0.0, 1.0] * 50, seed=3) == bootstrap_interval([0.0, 1.0] * 50, seed=3)
+
+
+def test_accuracy_table_matches_score_predictions():
+    frame = pd.DataFrame({"prediction": [p for p, *_ in CASES], "reference": [r for _, r, *_ in CASES],
+                          "answer_type": [t for _, _, t, _ in CASES], "group": ["a", "b"] * 5 + ["a"]})
+    table = accuracy_table(frame, by=("group",), samples=200)
+    for mode in SCORING_MODES:
+        for group, part in frame.groupby("group"):
+            expected = score_predictions(part.prediction.tolist(), part.reference.tolist(), part.answer_type.tolist(), mode)
+            for kind in ("open", "closed", "overall"):
+                row = table[(table.group == group) & (table["mode"] == mode) & (table.questions == kind)]
+                if kind == "overall" or expected[f"n_{kind}"]:
+                    assert row.accuracy.iloc[0] == pytest.approx(expected[kind])
+                    assert row.ci_low.iloc[0] <= row.accuracy.iloc[0] <= row.ci_high.iloc[0]
+    with pytest.raises(ValueError, match="missing column"):
+        accuracy_table(frame.drop(columns="reference"))
+
+
+def test_prediction_files_round_trip_and_errors(tmp_path):
+    recs = [VQARecord("slake", "test", str(i), "0", None, f"q{i}", a, t, "Organ")
+            for i, (a, t) in enumerate([("Yes", "closed"), ("left lung", "open")])]
+    path = write_predictions(tmp_path / "p.csv", recs, ["yes", ""], "07_gated_fusion", "BioD2C")
+    write_predictions(path, recs, ["no", "lung"], "07_gated_fusion", "w/o fusion", append=True)
+    frame = read_predictions(path)
+    assert len(frame) == 4 and frame.prediction.tolist() == ["yes", "", "no", "lung"]  # empty stays empty, not NaN
+    assert frame.variant.tolist() == ["BioD2C", "BioD2C", "w/o fusion", "w/o fusion"]
+    frame.loc[1, "answer_type"] = "free"
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv, row 3, field 'answer_type'"):
+        read_predictions(tmp_path / "bad.csv")
+    frame.drop(columns="question").to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(ValueError, match="missing column"):
+        read_predictions(tmp_path / "short.csv")
+    with pytest.raises(ValueError, match="1 predictions for 2 records"):
+        write_predictions(tmp_path / "x.csv", recs, ["yes"], "c", "v")
