@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary', 'CoRegConfig', 'SequenceEncoder',
-           'CoRegularizedModel', 'PretrainWeights', 'pretraining_loss', 'derived_captions', 'load_images',
-           'PretrainingData', 'answer_head', 'answer_loss', 'answer_accuracy']
+__all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
+           'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights', 'pretraining_loss',
+           'derived_captions', 'load_images', 'PretrainingData', 'corpus_root', 'load_roco_captions', 'load_pmc_vqa',
+           'answer_head', 'answer_loss', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -276,11 +278,16 @@ def load_images(records, image_size: int) -> dict[str, torch.Tensor]:
 
 
 class PretrainingData(torch.utils.data.Dataset):
-    """Caption samples (reconstruction + contrast) and VQA samples (reconstruction only)."""
+    """Caption samples (reconstruction + contrast) and VQA samples (reconstruction only).
 
-    def __init__(self, images: dict[str, torch.Tensor], captions: dict[str, str], vqa: Sequence[tuple[str, str, int]],
-                 vocab: CompactVocabulary, patch: int = 16):
-        self.patches = {k: patchify(v[None], patch)[0] for k, v in images.items()}
+    `images` maps image ids to decoded tensors (cut into patches once) or to image files (decoded when a sample is
+    drawn, so corpora of tens of thousands of images, such as ROCO, need not fit in memory)."""
+
+    def __init__(self, images: dict[str, torch.Tensor | Path], captions: dict[str, str], vqa: Sequence[tuple[str, str, int]],
+                 vocab: CompactVocabulary, patch: int = 16, image_size: int = 64):
+        self.patch, self.image_size = patch, image_size
+        self.patches = {k: patchify(v[None], patch)[0] for k, v in images.items() if isinstance(v, torch.Tensor)}
+        self.files = {k: Path(v) for k, v in images.items() if not isinstance(v, torch.Tensor)}
         self.samples = [(i, c, -1, 1) for i, c in sorted(captions.items()) if i in images]
         self.samples += [(i, q, a, 0) for i, q, a in vqa if i in images]
         if not self.samples:
@@ -290,12 +297,115 @@ class PretrainingData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image_patches(self, image_id: str) -> torch.Tensor:
+        if image_id in self.patches:
+            return self.patches[image_id]
+        from PIL import Image
+        from medvqa.data import image_transform
+        with Image.open(self.files[image_id]) as im:
+            return patchify(image_transform(self.image_size)(im.convert("RGB"))[None], self.patch)[0]
+
     def __getitem__(self, index: int) -> dict:
         image_id, _, answer, is_caption = self.samples[index]
-        return {"patches": self.patches[image_id], "tokens": self.tokens[index], "answer": torch.tensor(answer),
+        return {"patches": self.image_patches(image_id), "tokens": self.tokens[index], "answer": torch.tensor(answer),
                 "is_caption": torch.tensor(is_caption)}
 
-# %% ../nbs/05_coregularized_pretraining.ipynb #c025
+# %% ../nbs/05_coregularized_pretraining.ipynb #c022
+CORPUS_FOLDERS = {"roco": ("roco", "ROCO", "roco-dataset"), "pmc-vqa": ("pmc-vqa", "PMC-VQA", "pmc_vqa")}
+CORPUS_SOURCES = {"roco": "https://github.com/razorx89/roco-dataset (its scripts fetch the figures)",
+                  "pmc-vqa": "https://huggingface.co/datasets/xmcmic/PMC-VQA (train.csv, test.csv, images.zip)"}
+
+
+def corpus_root(name: str, root: str | Path | None = None) -> Path:
+    """The folder of a pre-training corpus: `root` if given, else the first match under `MEDVQA_DATA`."""
+    from medvqa.core import check_choice, data_root
+    check_choice("corpus", name, CORPUS_FOLDERS)
+    candidates = [Path(root)] if root is not None else [data_root() / f for f in CORPUS_FOLDERS[name]]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"{name}: none of {', '.join(map(str, candidates))} exists; get it from {CORPUS_SOURCES[name]} "
+                            f"and put it under MEDVQA_DATA")
+
+
+def _missing(kind: str, missing: list[str], total: int, source: Path, policy: str) -> None:
+    from medvqa.data import DatasetError
+    import warnings
+    if missing and (policy == "error" or len(missing) == total):
+        raise DatasetError(source, f"{len(missing)} of {total} {kind} point to missing image files, e.g. {missing[0]}; "
+                           "pass missing_images='skip' to drop them with a warning", field="image")
+    if missing:
+        warnings.warn(f"{source}: skipped {len(missing)} of {total} {kind} whose image is missing", stacklevel=3)
+
+
+def load_roco_captions(root: str | Path | None = None, split: str = "train", limit: int = 0,
+                       missing_images: str = "error") -> tuple[dict[str, str], dict[str, Path]]:
+    """ROCO radiology captions: ({image_id: caption}, {image_id: image file}); at most `limit` (0: all)."""
+    import csv
+    from medvqa.data import DatasetError, find_files
+    folder = corpus_root("roco", root)
+    captions, files = {}, {}
+    lists = [p for p in find_files(folder, "captions.txt", 5) if split in p.parts and "radiology" in p.parts]
+    tables = [p for p in find_files(folder, f"*{split}*.csv", 3)]
+    if not lists and not tables:
+        raise DatasetError(folder, f"no ROCO caption list for split {split!r} (<split>/radiology/captions.txt or *{split}*.csv)")
+    for path in lists:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            image_id, sep, caption = line.partition("\t")
+            if not sep or not caption.strip():
+                raise DatasetError(path, "expected 'ROCO_id<TAB>caption'", record=f"line {number}", field="caption")
+            captions[image_id.strip()] = caption.strip()
+            files[image_id.strip()] = path.parent / "images" / f"{image_id.strip()}.jpg"
+    for path in tables:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for column in ("name", "caption"):
+                if column not in (reader.fieldnames or []):
+                    raise DatasetError(path, "required column is missing", field=column)
+            for number, row in enumerate(reader, start=2):
+                if not row["name"] or not row["caption"]:
+                    raise DatasetError(path, "empty name or caption", record=f"row {number}", field="name" if not row["name"] else "caption")
+                image_id = Path(row["name"]).stem
+                captions[image_id], files[image_id] = row["caption"].strip(), path.parent / "images" / row["name"]
+    ids = sorted(captions)[:limit] if limit else sorted(captions)
+    missing = [str(files[i]) for i in ids if not files[i].is_file()]
+    _missing("captions", missing, len(ids), folder, missing_images)
+    keep = [i for i in ids if files[i].is_file()]
+    return {i: captions[i] for i in keep}, {i: files[i] for i in keep}
+
+
+def load_pmc_vqa(root: str | Path | None = None, split: str = "train", limit: int = 0, missing_images: str = "error") -> list:
+    """PMC-VQA question-answer pairs as VQARecords (answer_type closed for yes/no answers, else open)."""
+    import csv
+    from medvqa.data import DatasetError, VQARecord, normalize_answer
+    folder = corpus_root("pmc-vqa", root)
+    table = next((folder / n for n in (f"{split}.csv", f"{split}_2.csv") if (folder / n).is_file()), None)
+    if table is None:
+        raise DatasetError(folder, f"no {split}.csv or {split}_2.csv")
+    image_dir = next((folder / d for d in ("images", "figures") if (folder / d).is_dir()), folder / "images")
+    records = []
+    with open(table, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for column in ("Figure_path", "Question", "Answer"):
+            if column not in (reader.fieldnames or []):
+                raise DatasetError(table, "required column is missing", field=column)
+        for number, row in enumerate(reader, start=2):
+            for column in ("Figure_path", "Question", "Answer"):
+                if not (row[column] or "").strip():
+                    raise DatasetError(table, "empty value", record=f"row {number}", field=column)
+            answer = row["Answer"].strip()
+            records.append(VQARecord("pmc-vqa", split, f"{split}-{number - 2}", Path(row["Figure_path"]).stem,
+                                     image_dir / row["Figure_path"], row["Question"].strip(), answer,
+                                     "closed" if normalize_answer(answer) in ("yes", "no") else "open"))
+            if limit and len(records) >= limit:
+                break
+    missing = [str(r.image_path) for r in records if not r.image_path.is_file()]
+    _missing("question-answer pairs", missing, len(records), table, missing_images)
+    return [r for r in records if r.image_path.is_file()]
+
+# %% ../nbs/05_coregularized_pretraining.ipynb #c028
 def answer_head(model: CoRegularizedModel, patches: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FFN_A logits [B, A], downstream head H_o[:, -1] [B, d]) of RecNet(h_F, H_I, H_T) for the unmasked input."""
     h_i, H_i, h_t, H_t = model.encode(patches, tokens)

@@ -134,3 +134,70 @@ def test_answer_is_read_from_the_ans_slot():
     out = model.recnet(v, src_key_padding_mask=pad)
     ans_positions = [1 + 4 + int((row == CompactVocabulary.ANS).nonzero()) for row in batch["tokens"][:, 1:]]
     torch.testing.assert_close(state, out[torch.arange(4), ans_positions])
+
+
+def _jpeg(path, value):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), (value, value, value)).save(path)
+
+
+def test_roco_reader_both_layouts_and_errors(tmp_path):
+    from medvqa.coregularized import load_roco_captions
+    from medvqa.data import DatasetError
+    radiology = tmp_path / "roco" / "data" / "train" / "radiology"
+    (radiology / "captions.txt").parent.mkdir(parents=True)
+    (radiology / "captions.txt").write_text("ROCO_00001\tCT of the chest.\n\nROCO_00002\tMRI of the brain.\n")
+    for i in (1, 2):
+        _jpeg(radiology / "images" / f"ROCO_0000{i}.jpg", 10 * i)
+    test_split = tmp_path / "roco" / "data" / "test" / "radiology"
+    test_split.mkdir(parents=True)
+    (test_split / "captions.txt").write_text("ROCO_00009\tnot a training caption\n")
+    captions, files = load_roco_captions(tmp_path / "roco")
+    assert captions == {"ROCO_00001": "CT of the chest.", "ROCO_00002": "MRI of the brain."}
+    assert files["ROCO_00002"] == radiology / "images" / "ROCO_00002.jpg"
+    assert load_roco_captions(tmp_path / "roco", limit=1)[0] == {"ROCO_00001": "CT of the chest."}
+    (radiology / "captions.txt").write_text("ROCO_00001 CT without a tab\n")
+    with pytest.raises(DatasetError, match=r"captions.txt, record line 1, field 'caption'"):
+        load_roco_captions(tmp_path / "roco")
+    # the CSV layout
+    csv_root = tmp_path / "roco_csv"
+    _jpeg(csv_root / "images" / "a.jpg", 30)
+    (csv_root / "radiologytraindata.csv").write_text("id,name,caption\n1,a.jpg,X-ray of the hand\n2,b.jpg,missing image\n")
+    with pytest.raises(DatasetError, match="missing image files"):
+        load_roco_captions(csv_root)
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        assert load_roco_captions(csv_root, missing_images="skip")[0] == {"a": "X-ray of the hand"}
+    with pytest.raises(FileNotFoundError, match="razorx89"):
+        load_roco_captions(tmp_path / "nowhere")
+
+
+def test_pmc_vqa_reader(tmp_path):
+    from medvqa.coregularized import load_pmc_vqa
+    from medvqa.data import DatasetError
+    root = tmp_path / "pmc-vqa"
+    _jpeg(root / "images" / "PMC1_F1.jpg", 50)
+    (root / "train.csv").write_text("Figure_path,Question,Answer,Answer_label\n"
+                                    "PMC1_F1.jpg,What modality is shown?,CT scan,A\nPMC1_F1.jpg,Is it normal?,Yes,B\n")
+    records = load_pmc_vqa(root)
+    assert [(r.question, r.answer, r.answer_type) for r in records] == [
+        ("What modality is shown?", "CT scan", "open"), ("Is it normal?", "Yes", "closed")]
+    assert records[0].image_path == root / "images" / "PMC1_F1.jpg" and records[0].dataset == "pmc-vqa"
+    (root / "train.csv").write_text("Figure_path,Question,Answer\nPMC1_F1.jpg,,CT\n")
+    with pytest.raises(DatasetError, match="row 2, field 'Question'"):
+        load_pmc_vqa(root)
+    (root / "train.csv").write_text("Figure,Question,Answer\nPMC1_F1.jpg,q,a\n")
+    with pytest.raises(DatasetError, match="field 'Figure_path'"):
+        load_pmc_vqa(root)
+
+
+def test_pretraining_data_reads_image_files_like_tensors(tmp_path):
+    from medvqa.coregularized import PretrainingData, load_images
+    from medvqa.data import VQARecord
+    _jpeg(tmp_path / "x.png", 90)
+    record = VQARecord("synthetic", "train", "1", "x", tmp_path / "x.png", "q", "a", "open")
+    decoded = load_images([record], 16)
+    vocab = CompactVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
+    eager = PretrainingData(decoded, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
+    lazy = PretrainingData({"x": tmp_path / "x.png"}, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
+    assert torch.equal(eager[0]["patches"], lazy[0]["patches"]) and lazy.patches == {}
