@@ -221,7 +221,7 @@ class FusionData(torch.utils.data.Dataset):
         self.items, self.features, self.length = list(items), features, length
         pad = tokenizer.pad_token_id
         eos = tokenizer.eos_token_id
-        self.query_ids, self.query_mask = self._fixed([q for _, q, _ in self.items], tokenizer, length)
+        self.query_ids, self.query_mask = self.fixed_length_ids([q for _, q, _ in self.items], tokenizer, length)
         prompts = [tokenizer(prompt.format(question=q), add_special_tokens=False)["input_ids"] for _, q, _ in self.items]
         answers = [tokenizer(f" {a}", add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eos] for _, _, a in self.items]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))
@@ -242,13 +242,13 @@ class FusionData(torch.utils.data.Dataset):
             per_image = {}
             for image_id in {i for i, _, _ in self.items}:
                 texts = queues.get(image_id, [])
-                ids, _ = self._fixed(texts + [""] * (queue_size - len(texts)), tokenizer, length)
+                ids, _ = self.fixed_length_ids(texts + [""] * (queue_size - len(texts)), tokenizer, length)
                 per_image[image_id] = (ids, torch.arange(queue_size) < len(texts))
             self.queue_ids = torch.stack([per_image[i][0] for i, _, _ in self.items])
             self.queue_mask = torch.stack([per_image[i][1] for i, _, _ in self.items])
 
     @staticmethod
-    def _fixed(texts: Sequence[str], tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fixed_length_ids(texts: Sequence[str], tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids padded or cut to `length` (right padding) and the mask of real tokens."""
         ids = torch.full((len(texts), length), tokenizer.pad_token_id)
         mask = torch.zeros(len(texts), length, dtype=torch.bool)
