@@ -205,7 +205,8 @@ def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
         lines += ["| chapter | paper | dataset | metric | ours | paper reports |", "| --- | --- | --- | --- | --- | --- |"]
         for chapter, res in results:
             ours = f"{res['value']:.1f}" if isinstance(res["value"], float) else str(res["value"])
-            lines.append(f"| {chapter} | {res['paper']} | {res['dataset']} | {res['metric']} | {ours} | "
+            metric = res["metric"] + (f" ({res['mode']} rule)" if res.get("mode") else "")  # scoring rule, chapter 09
+            lines.append(f"| {chapter} | {res['paper']} | {res['dataset']} | {metric} | {ours} | "
                          f"{paper_value(res, reported) or '—'} |")
     else:
         lines.append("No chapter run so far reports a number that the papers also report.")

@@ -103,3 +103,12 @@ def test_reported_results_table_is_well_formed():
     assert all(float(r["value"]) >= 0 for r in rows)
     assert rep.paper_value({"paper": "BaMCo", "dataset": "slake", "metric": "mean_open_closed_accuracy",
                             "paper_model": "BaMCo (Llama 3.2 3B)"}, rows) == "85.8 (BaMCo (Llama 3.2 3B), Table 2)"
+
+
+def test_summary_names_the_scoring_rule_of_a_result(tmp_path):
+    result = {"paper": "BioD2C", "dataset": "slake", "metric": "open_accuracy", "value": 55.9, "paper_model": "BioD2C"}
+    metrics = {"chapter": "09_evaluation", "results": [{**result, "mode": "bamco"}, {**result, "value": 53.1}]}
+    run = rep.ChapterRun("09_evaluation", "passed", 1.0, "x.ipynb", metrics=metrics)
+    summary = rep.write_summary([run], tmp_path, "cpu").read_text()
+    assert "| 09_evaluation | BioD2C | slake | open_accuracy (bamco rule) | 55.9 | 74.2 (BioD2C, Table 1) |" in summary
+    assert "| 09_evaluation | BioD2C | slake | open_accuracy | 53.1 | 74.2 (BioD2C, Table 1) |" in summary
