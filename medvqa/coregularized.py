@@ -16,9 +16,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
-           'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights', 'pretraining_loss',
-           'derived_captions', 'load_images', 'PretrainingData', 'corpus_root', 'load_roco_captions', 'load_pmc_vqa',
-           'answer_head', 'answer_loss', 'answer_accuracy']
+           'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights', 'image_text_reconstruction',
+           'pretraining_loss', 'derived_captions', 'load_images', 'PretrainingData', 'corpus_root',
+           'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -204,6 +204,14 @@ class PretrainWeights:
     intra: float = 1.0  # alpha'
 
 
+def image_text_reconstruction(out_i: torch.Tensor, out_t: torch.Tensor, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """MSE of the rebuilt patches + cross-entropy of the rebuilt real text tokens (not padding, not the [ANS] slot).
+
+    The image and text terms of Eq. 5 (pre-training) and of Eq. 10 (difference reconstruction, chapter 06)."""
+    real = (text != CompactVocabulary.PAD) & (text != CompactVocabulary.ANS)
+    return F.mse_loss(out_i, patches) + F.cross_entropy(out_t[real], text[real])  # L_img + L_txt
+
+
 def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWeights = PretrainWeights(),
                      mask_ratio: float = 0.25, temperature: float = 0.07, momentum: float | None = 0.995,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -226,9 +234,7 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
         if w == 0:
             continue
         out_i, out_t, out_a, _ = model.reconstruct(h, Hm_i, Hm_t, padding)  # Eq. 2-4
-        rec = F.mse_loss(out_i, patches)  # L_img
-        real = ~padding & (text != CompactVocabulary.ANS)
-        rec = rec + F.cross_entropy(out_t[real], text[real])  # L_txt (real tokens; not the [ANS] slot)
+        rec = image_text_reconstruction(out_i, out_t, patches, text)  # L_img + L_txt
         if has_answer.any():
             rec = rec + F.cross_entropy(out_a[has_answer], answer[has_answer])  # L_ans  (Eq. 5)
         parts[f"rec_{name}"] = rec.item()

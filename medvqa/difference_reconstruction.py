@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import check_range, load_checkpoint, run_dir
-from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head, patchify)
+from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head,
+                                  image_text_reconstruction, patchify)
 from .data import normalize_answer
 
 # %% auto #0
@@ -205,8 +206,7 @@ def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeigh
     out_i, out_t, logits, h_d = model.reconstruct(h_f, H_i, H_t, padding)  # Eq. 8-9: H_o^d and its heads
     parts, total = {}, torch.zeros((), device=patches.device)
     if weights.difference:
-        real = ~padding & (text != CompactVocabulary.ANS)
-        l_diff = F.mse_loss(out_i, patches) + F.cross_entropy(out_t[real], text[real])  # Eq. 10
+        l_diff = image_text_reconstruction(out_i, out_t, patches, text)  # Eq. 10
         parts["diff"] = l_diff.item()
         total = total + weights.diff * l_diff  # Eq. 13
     if weights.mixup:
