@@ -5,15 +5,19 @@
 # %% ../nbs/04_balanced_contrastive.ipynb #c003
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import load_checkpoint, run_dir, save_checkpoint
+
 # %% auto #0
-__all__ = ['balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D', 'CosineClassifier',
-           'KnowledgeSpace', 'bamco_loss', 'alignment_loss', 'KnowledgePairs', 'top1_matching']
+__all__ = ['SPACE_CONFIG_KEYS', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D',
+           'CosineClassifier', 'KnowledgeSpace', 'bamco_loss', 'alignment_loss', 'KnowledgePairs', 'top1_matching',
+           'knowledge_space_file', 'save_knowledge_spaces', 'load_knowledge_spaces']
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c008
 def _check_unit(x: torch.Tensor, name: str, tol: float = 1e-3) -> None:
@@ -169,3 +173,41 @@ class KnowledgePairs(torch.utils.data.Dataset):
 def top1_matching(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Index of the most cosine-similar key for each query. queries [Q, D], keys [K, D] -> [Q]."""
     return (F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T).argmax(dim=1)
+
+# %% ../nbs/04_balanced_contrastive.ipynb #c037
+SPACE_CONFIG_KEYS = ("dataset", "classes", "class_images", "image_dim", "text_dim", "embed_dim", "image_encoder",
+                     "text_encoder", "image_size", "intra_size", "intra_images")
+
+
+def knowledge_space_file(path: str | Path = "", profile: str = "smoke") -> Path:
+    """The knowledge-space checkpoint: `path` if given, else runs/<profile>/04_balanced_contrastive/knowledge_spaces.pt."""
+    return Path(path) if path else run_dir("04_balanced_contrastive", profile) / "knowledge_spaces.pt"
+
+
+def save_knowledge_spaces(path: str | Path, spaces: dict[str, KnowledgeSpace], config: dict[str, Any],
+                          image_encoder_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically save named knowledge spaces with their `config` (see SPACE_CONFIG_KEYS) and the image encoder's weights."""
+    missing = [k for k in SPACE_CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"save_knowledge_spaces: config lacks {', '.join(missing)}")
+    return save_checkpoint(path, step=0, config=config, spaces={n: s.state_dict() for n, s in spaces.items()},
+                           image_encoder=image_encoder_state or {})
+
+
+def load_knowledge_spaces(path: str | Path) -> tuple[dict[str, KnowledgeSpace], dict[str, torch.Tensor], dict[str, Any]]:
+    """(spaces by name in eval mode, image encoder weights or {}, config) from a chapter 04 checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no knowledge spaces at {path}: run chapter 04 first "
+                                f"(medvqa reproduce --chapters 04 --profile <profile>) or pass knowledge_path")
+    state = load_checkpoint(path)
+    config = state.get("config", {})
+    missing = [k for k in SPACE_CONFIG_KEYS if k not in config] + [k for k in ("spaces", "image_encoder") if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a chapter 04 knowledge-space checkpoint (it lacks {', '.join(missing)})")
+    spaces = {}
+    for name, weights in state["spaces"].items():
+        space = KnowledgeSpace(config["image_dim"], config["text_dim"], len(config["classes"]), config["embed_dim"])
+        space.load_state_dict(weights)
+        spaces[name] = space.eval()
+    return spaces, state["image_encoder"], config

@@ -33,7 +33,7 @@ __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES'
            'verify_images', 'load_vqa_rad', 'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet',
            'download', 'draw_scene', 'sample_scene', 'scene_questions', 'scene_caption', 'write_knowledge_graph',
            'generate_synthetic', 'synthetic_root', 'load_split', 'split_overlap', 'image_transform',
-           'answer_vocabulary', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
+           'answer_vocabulary', 'fixed_subset', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
 
 # %% ../nbs/01_data.ipynb #c008
 @dataclass
@@ -765,6 +765,16 @@ def answer_vocabulary(records: Iterable[VQARecord], min_count: int = 1) -> list[
     """Normalised answers seen at least `min_count` times, most frequent first (ties alphabetical)."""
     counts = Counter(normalize_answer(r.answer) for r in records)
     return sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+
+
+def fixed_subset(records: Sequence[VQARecord], n: int, seed: int) -> list[VQARecord]:
+    """A random subset of `n` records that depends only on `seed`, in the original order; all records when n is 0."""
+    if n < 0:
+        raise ValueError(f"fixed_subset: n must be >= 0, got {n}")
+    if not n or n >= len(records):
+        return list(records)
+    keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n]
+    return [records[i] for i in sorted(keep.tolist())]
 
 
 class VQADataset(Dataset):

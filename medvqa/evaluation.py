@@ -17,8 +17,8 @@ from .data import ANSWER_TYPES, normalize_answer
 
 # %% auto #0
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
-           'bootstrap_interval', 'accuracy_table', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics',
-           'write_predictions', 'read_predictions']
+           'bootstrap_interval', 'accuracy_table', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
+           'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -152,6 +152,32 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], bertscor
     return out
 
 # %% ../nbs/09_evaluation.ipynb #c018
+def majority_answers(train_records: Sequence, test_records: Sequence) -> list[str]:
+    """For each test record, the most frequent normalised training answer of its answer type."""
+    counts = {t: Counter(normalize_answer(r.answer) for r in train_records if r.answer_type == t) for t in ANSWER_TYPES}
+    overall = Counter(normalize_answer(r.answer) for r in train_records)
+    if not overall:
+        raise ValueError("majority_answers: no training records")
+    top = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] if c else None for t, c in counts.items()}
+    fallback = min(overall.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return [top.get(r.answer_type) or fallback for r in test_records]
+
+
+def question_only_answers(train_records: Sequence, test_records: Sequence, seed: int = 0, max_iter: int = 300) -> list[str]:
+    """Answers of a bag-of-words (1-2 grams) logistic regression trained on the training questions; no image."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    if not train_records:
+        raise ValueError("question_only_answers: no training records")
+    answers = [normalize_answer(r.answer) for r in train_records]
+    if len(set(answers)) == 1:
+        return [answers[0]] * len(test_records)
+    words = CountVectorizer(ngram_range=(1, 2), lowercase=True)
+    x = words.fit_transform([r.question for r in train_records])
+    model = LogisticRegression(max_iter=max_iter, random_state=seed).fit(x, answers)
+    return list(model.predict(words.transform([r.question for r in test_records]))) if test_records else []
+
+# %% ../nbs/09_evaluation.ipynb #c021
 PREDICTION_COLUMNS = ("chapter", "variant", "dataset", "qid", "question", "reference", "prediction", "answer_type", "question_type")
 
 

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import PrefixLM, prompt_answer_tensors
+
 # %% auto #0
 __all__ = ['mfe_token_count', 'block_bounds', 'multi_scale_features', 'sequence_similarity', 'queue_distribution',
-           'text_queue_kl', 'GatedFusion', 'FusionVQA', 'fusion_loss', 'queue_texts', 'FusionData', 'LanguageModelData',
-           'cross_attention']
+           'text_queue_kl', 'GatedFusion', 'FusionVQA', 'fusion_loss', 'queue_texts', 'FusionData', 'cross_attention']
 
 # %% ../nbs/07_gated_fusion.ipynb #c008
 def mfe_token_count(scales: int) -> int:
@@ -139,42 +140,27 @@ class GatedFusion(nn.Module):
         return out, x_t
 
 # %% ../nbs/07_gated_fusion.ipynb #c018
-class FusionVQA(nn.Module):
+class FusionVQA(PrefixLM):
     """A frozen causal LM (optionally with LoRA) reading BioD2C's fused visual tokens before the text."""
 
     def __init__(self, lm: nn.Module, fusion: GatedFusion):
-        super().__init__()
-        self.lm, self.fusion = lm, fusion
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
+        super().__init__(lm)
+        self.fusion = fusion
 
     def visual_prefix(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(X_v|t, X_t) of a batch with 'patches', 'query_ids' and 'query_mask'."""
         return self.fusion(batch["patches"], self.embed(batch["query_ids"]), ~batch["query_mask"])
 
-    def _inputs(self, visual: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> dict:
-        embeds = torch.cat([visual.to(self.embed(text_ids[:, :1]).dtype), self.embed(text_ids)], 1)
-        mask = torch.cat([torch.ones(visual.shape[:2], dtype=text_mask.dtype, device=text_mask.device), text_mask], 1)
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
-
     def nll(self, visual: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Eq. 5's L_nll: cross-entropy of the answer tokens; the LM head runs only where a label is predicted."""
-        hidden = self.lm.get_decoder()(**self._inputs(visual, batch["text_ids"], batch["text_mask"])).last_hidden_state
-        labels = batch["labels"]
-        targets = labels != -100
-        before = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], 1)  # position t predicts token t + 1
-        logits = self.lm.get_output_embeddings()(hidden[:, visual.shape[1]:][before])
-        return F.cross_entropy(logits.float(), labels[targets])
+        """Eq. 5's L_nll: cross-entropy of the answer tokens after the visual prefix."""
+        return self.answer_nll(visual, batch["text_ids"], batch["text_mask"], batch["labels"])
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 8, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy answer ids for a batch whose 'prompt_ids' / 'prompt_mask' hold the left-padded prompts."""
         visual, _ = self.visual_prefix(batch)
-        inputs = self._inputs(visual, batch["prompt_ids"], batch["prompt_mask"])
-        inputs.pop("position_ids")  # generate derives positions from the attention mask
-        return self.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        return self.generate_answer(visual, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos_token_id)
 
 
 def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperature: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
@@ -219,24 +205,11 @@ class FusionData(torch.utils.data.Dataset):
         if not items:
             raise ValueError("FusionData: no samples")
         self.items, self.features, self.length = list(items), features, length
-        pad = tokenizer.pad_token_id
-        eos = tokenizer.eos_token_id
         self.query_ids, self.query_mask = self.fixed_length_ids([q for _, q, _ in self.items], tokenizer, length)
-        prompts = [tokenizer(prompt.format(question=q), add_special_tokens=False)["input_ids"] for _, q, _ in self.items]
-        answers = [tokenizer(f" {a}", add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eos] for _, _, a in self.items]
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        self.text_ids = torch.full((len(self.items), width), pad)
-        self.labels = torch.full((len(self.items), width), -100)
-        self.text_mask = torch.zeros(len(self.items), width, dtype=torch.long)
-        p_width = max(map(len, prompts))
-        self.prompt_ids = torch.full((len(self.items), p_width), pad)
-        self.prompt_mask = torch.zeros(len(self.items), p_width, dtype=torch.long)
-        for row, (p, a) in enumerate(zip(prompts, answers)):  # left padding: every text ends at the last position
-            self.text_ids[row, width - len(p) - len(a):] = torch.tensor(p + a)
-            self.text_mask[row, width - len(p) - len(a):] = 1
-            self.labels[row, width - len(a):] = torch.tensor(a)
-            self.prompt_ids[row, p_width - len(p):] = torch.tensor(p)
-            self.prompt_mask[row, p_width - len(p):] = 1
+        text = prompt_answer_tensors([q for _, q, _ in self.items], [a for _, _, a in self.items], tokenizer, prompt,
+                                     max_answer_tokens)
+        self.text_ids, self.text_mask, self.labels = text["text_ids"], text["text_mask"], text["labels"]
+        self.prompt_ids, self.prompt_mask = text["prompt_ids"], text["prompt_mask"]
         self.queue_ids = self.queue_mask = None
         if queues is not None:
             per_image = {}
@@ -270,26 +243,7 @@ class FusionData(torch.utils.data.Dataset):
             item.update(queue_ids=self.queue_ids[index], queue_mask=self.queue_mask[index])
         return item
 
-# %% ../nbs/07_gated_fusion.ipynb #c026
-class LanguageModelData(torch.utils.data.Dataset):
-    """Texts as right-padded token rows ending in end-of-sequence, with labels -100 on the padding."""
-
-    def __init__(self, texts: Sequence[str], tokenizer, max_length: int = 64):
-        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length - 1] + [tokenizer.eos_token_id] for t in texts]
-        width = max(map(len, rows))
-        self.ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        self.mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, row in enumerate(rows):
-            self.ids[r, :len(row)], self.mask[r, :len(row)] = torch.tensor(row), 1
-        self.labels = self.ids.masked_fill(self.mask == 0, -100)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "attention_mask": self.mask[index], "labels": self.labels[index]}
-
-# %% ../nbs/07_gated_fusion.ipynb #c034
+# %% ../nbs/07_gated_fusion.ipynb #c033
 @torch.no_grad()
 def cross_attention(fusion: GatedFusion, patches: torch.Tensor, question_embeddings: torch.Tensor,
                     question_padding: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import atomic_folder, cache_root, check_choice
+from .core import atomic_folder, cache_root, check_choice, pick_device, seed_everything
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
@@ -27,8 +27,8 @@ __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FI
            'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
            'SmallViT', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder', 'load_image_encoder',
            'biomedclip_config', 'write_open_clip_folder', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder',
-           'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'lora_config', 'apply_lora', 'count_parameters',
-           'describe_model']
+           'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM',
+           'greedy_answers', 'causal_lm_for', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -432,6 +432,137 @@ def tiny_llama(vocab_size: int, width: int = 128, layers: int = 2, heads: int = 
     return LlamaForCausalLM(config)
 
 # %% ../nbs/02_models.ipynb #c034
+class LanguageModelData(torch.utils.data.Dataset):
+    """Texts as right-padded token rows ending in end-of-sequence, with labels -100 on the padding."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Any, max_length: int = 64):
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length - 1] + [tokenizer.eos_token_id] for t in texts]
+        width = max(map(len, rows))
+        self.ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        self.mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            self.ids[r, :len(row)], self.mask[r, :len(row)] = torch.tensor(row), 1
+        self.labels = self.ids.masked_fill(self.mask == 0, -100)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "attention_mask": self.mask[index], "labels": self.labels[index]}
+
+
+def prompt_answer_tensors(questions: Sequence[str], answers: Sequence[str], tokenizer: Any,
+                          prompt: str = "Question: {question} Answer:", max_answer_tokens: int = 32) -> dict[str, torch.Tensor]:
+    """Left-padded rows of prompt + answer + eos ('text_ids', 'text_mask', 'labels' on answer + eos only) and of the prompt alone."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        raise ValueError("prompt_answer_tensors: no questions")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = [tokenizer(prompt.format(question=q), add_special_tokens=False)["input_ids"] for q in questions]
+    replies = [tokenizer(f" {a}", add_special_tokens=False)["input_ids"][:max_answer_tokens] + [eos] for a in answers]
+    n, width, p_width = len(prompts), max(len(p) + len(a) for p, a in zip(prompts, replies)), max(map(len, prompts))
+    out = {"text_ids": torch.full((n, width), pad), "text_mask": torch.zeros(n, width, dtype=torch.long),
+           "labels": torch.full((n, width), -100), "prompt_ids": torch.full((n, p_width), pad),
+           "prompt_mask": torch.zeros(n, p_width, dtype=torch.long)}
+    for row, (p, a) in enumerate(zip(prompts, replies)):  # left padding: every text ends at the last position
+        out["text_ids"][row, width - len(p) - len(a):] = torch.tensor(p + a)
+        out["text_mask"][row, width - len(p) - len(a):] = 1
+        out["labels"][row, width - len(a):] = torch.tensor(a)
+        out["prompt_ids"][row, p_width - len(p):] = torch.tensor(p)
+        out["prompt_mask"][row, p_width - len(p):] = 1
+    return out
+
+
+class PrefixLM(nn.Module):
+    """A causal LM (frozen, optionally with LoRA) that reads soft prefix vectors [B, P, width] before left-padded text."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM's own token embeddings of `ids`."""
+        return self.lm.get_input_embeddings()(ids)
+
+    @staticmethod
+    def trim_padding(mask: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Drop the leading columns that are padding in every row of a left-padded batch: same result, less work."""
+        real = mask.any(0).nonzero()
+        start = int(real[0]) if len(real) else mask.shape[1]
+        return tuple(r[:, start:] for r in (mask, *rows))
+
+    def lm_inputs(self, prefix: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                  prefix_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """inputs_embeds [prefix; text], the attention mask, and positions that count only attended tokens."""
+        if prefix_mask is None:
+            prefix_mask = torch.ones(prefix.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
+        text = self.embed(text_ids)
+        embeds = torch.cat([prefix.to(text.dtype), text], 1)
+        mask = torch.cat([prefix_mask.to(text_mask.dtype), text_mask], 1)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
+
+    def answer_nll(self, prefix: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, labels: torch.Tensor,
+                   prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the labelled text tokens; the LM head runs only where a label is predicted."""
+        text_mask, text_ids, labels = self.trim_padding(text_mask, text_ids, labels)
+        hidden = self.lm.get_decoder()(**self.lm_inputs(prefix, text_ids, text_mask, prefix_mask)).last_hidden_state
+        targets = labels != -100
+        if not targets.any():
+            raise ValueError("answer_nll: no labelled token in the batch")
+        before = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], 1)  # position t predicts token t + 1
+        logits = self.lm.get_output_embeddings()(hidden[:, prefix.shape[1]:][before])
+        return F.cross_entropy(logits.float(), labels[targets])
+
+    @torch.no_grad()
+    def generate_answer(self, prefix: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        prefix_mask: torch.Tensor | None = None, max_new_tokens: int = 8,
+                        eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy new token ids after [prefix; left-padded prompt]."""
+        prompt_mask, prompt_ids = self.trim_padding(prompt_mask, prompt_ids)
+        inputs = self.lm_inputs(prefix, prompt_ids, prompt_mask, prefix_mask)
+        inputs.pop("position_ids")  # generate derives positions from the attention mask
+        return self.lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: Any, batch_size: int = 64,
+                   max_new_tokens: int = 8) -> list[str]:
+    """The first line of each greedy answer of a model whose `generate(batch, max_new_tokens, eos_token_id)` returns new ids."""
+    model.eval()
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(data), batch_size):
+        samples = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        batch = {k: v.to(device) for k, v in torch.utils.data.default_collate(samples).items()}
+        ids = model.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        answers += [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip() for row in ids]
+    return answers
+
+
+def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_epochs: int = 3, seed: int = 0,
+                  device: str = "auto", extra_vocabulary: Sequence[str] = ()) -> tuple[nn.Module, Any, str]:
+    """(frozen LM on the device, tokenizer, a note): 'tiny-llama' is built over `texts` and pre-trained on them
+    (its run in `folder`, started afresh); any other registry name is loaded pre-trained."""
+    if name == "tiny-llama":
+        from medvqa.training import TrainConfig, fit
+        if not texts:
+            raise ValueError("causal_lm_for('tiny-llama'): no texts to build and pre-train it on")
+        tokenizer = CompactTokenizer(list(texts) + list(extra_vocabulary))
+        seed_everything(seed)
+        lm = tiny_llama(len(tokenizer))
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time
+        run = fit(lm, lambda m, b: m(**b).loss, LanguageModelData(texts, tokenizer),
+                  TrainConfig(epochs=pretrain_epochs, batch_size=64, lr=3e-3, seed=seed, device=device, checkpoint_every=10_000),
+                  run_dir=folder)
+        note = f"pre-trained here: loss {run.history[0]['loss']:.2f} -> {run.history[-1]['loss']:.2f} in {run.seconds:.0f} s"
+    else:
+        lm, tokenizer = load_causal_lm(name)
+        note = "loaded pre-trained"
+    return lm.to(pick_device(device)).eval().requires_grad_(False), tokenizer, note
+
+# %% ../nbs/02_models.ipynb #c037
 LORA_PRESETS: dict[str, dict[str, Any]] = {
     "bamco": {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
     "biod2c": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
@@ -461,7 +592,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-# %% ../nbs/02_models.ipynb #c038
+# %% ../nbs/02_models.ipynb #c041
 def describe_model(name: str, model: nn.Module | None = None, load_seconds: float | None = None) -> dict[str, Any]:
     """A metrics-ready description of a registry model (source, hub id, parameter count, load time)."""
     spec = model_spec(name)

@@ -205,7 +205,8 @@ def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
         lines += ["| chapter | paper | dataset | metric | ours | paper reports |", "| --- | --- | --- | --- | --- | --- |"]
         for chapter, res in results:
             ours = f"{res['value']:.1f}" if isinstance(res["value"], float) else str(res["value"])
-            metric = res["metric"] + (f" ({res['mode']} rule)" if res.get("mode") else "")  # scoring rule, chapter 09
+            notes = ([f"{res['mode']} rule"] if res.get("mode") else []) + ([str(res["variant"])] if res.get("variant") else [])
+            metric = res["metric"] + (f" ({'; '.join(notes)})" if notes else "")  # scoring rule (chapter 09) and model variant
             lines.append(f"| {chapter} | {res['paper']} | {res['dataset']} | {metric} | {ours} | "
                          f"{paper_value(res, reported) or '—'} |")
     else:

@@ -109,3 +109,36 @@ def test_alignment_loss_and_matching():
     x = torch.eye(3)
     assert alignment_loss(x, x, 0.1) < alignment_loss(x, x[[1, 2, 0]], 0.1)
     assert top1_matching(torch.tensor([[0.0, 2.0], [1.0, 0.1]]), torch.eye(2)).tolist() == [1, 0]
+
+
+def _config(classes=("liver", "lung")):
+    return {"dataset": "synthetic", "classes": list(classes), "class_images": {c: [f"{c}1"] for c in classes}, "image_dim": 6,
+            "text_dim": 5, "embed_dim": 4, "image_encoder": "small-vit", "text_encoder": "minilm", "image_size": 64,
+            "intra_size": 8, "intra_images": 2}
+
+
+def test_knowledge_spaces_round_trip(tmp_path):
+    from medvqa.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
+    torch.manual_seed(0)
+    spaces = {"BaMCo": KnowledgeSpace(6, 5, 2, 4).eval(), "alignment": KnowledgeSpace(6, 5, 2, 4).eval()}
+    path = save_knowledge_spaces(tmp_path / "k.pt", spaces, _config(), {"w": torch.ones(2)})
+    loaded, vision, config = load_knowledge_spaces(path)
+    assert sorted(loaded) == ["BaMCo", "alignment"] and torch.equal(vision["w"], torch.ones(2))
+    assert config["classes"] == ["liver", "lung"]
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(loaded["BaMCo"].encode_image(x), spaces["BaMCo"].encode_image(x))
+        assert not torch.allclose(loaded["alignment"].encode_image(x), spaces["BaMCo"].encode_image(x))
+    assert not loaded["BaMCo"].training
+
+
+def test_knowledge_space_errors_name_file_and_fix(tmp_path):
+    from medvqa.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
+    from medvqa.core import save_checkpoint
+    with pytest.raises(FileNotFoundError, match="run chapter 04 first"):
+        load_knowledge_spaces(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="config lacks classes"):
+        save_knowledge_spaces(tmp_path / "x.pt", {}, {k: v for k, v in _config().items() if k != "classes"})
+    save_checkpoint(tmp_path / "other.pt", step=0, config={"model": {}})
+    with pytest.raises(ValueError, match="other.pt: not a chapter 04 knowledge-space checkpoint"):
+        load_knowledge_spaces(tmp_path / "other.pt")

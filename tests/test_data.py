@@ -327,3 +327,14 @@ def test_split_overlap_uses_image_and_normalised_question():
     train = [mk("1", "a", "Is there a mass?")]
     test = [mk("2", "a", "is there a MASS"), mk("3", "b", "Is there a mass?")]
     assert [r.qid for r in data.split_overlap(train, test)] == ["2"]
+
+
+def test_fixed_subset_depends_only_on_seed_and_keeps_order():
+    records = [data.VQARecord("toy", "train", str(i), str(i), None, f"q{i}", "a", "open", "") for i in range(50)]
+    a, b = data.fixed_subset(records, 10, seed=3), data.fixed_subset(list(records), 10, seed=3)
+    assert [r.qid for r in a] == [r.qid for r in b] and len(a) == 10
+    assert [int(r.qid) for r in a] == sorted(int(r.qid) for r in a)  # original order
+    assert [r.qid for r in data.fixed_subset(records, 10, seed=4)] != [r.qid for r in a]
+    assert data.fixed_subset(records, 0, seed=3) == records and data.fixed_subset(records, 99, seed=3) == records
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        data.fixed_subset(records, -1, seed=0)

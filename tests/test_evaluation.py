@@ -122,3 +122,28 @@ def test_prediction_files_round_trip_and_errors(tmp_path):
         read_predictions(tmp_path / "short.csv")
     with pytest.raises(ValueError, match="1 predictions for 2 records"):
         write_predictions(tmp_path / "x.csv", recs, ["yes"], "c", "v")
+
+
+def _records(rows, split="train"):
+    return [VQARecord("toy", split, f"{split}{i}", "0", None, q, a, t, "") for i, (q, a, t) in enumerate(rows)]
+
+
+def test_majority_answers_per_answer_type():
+    from medvqa.evaluation import majority_answers
+    train = _records([("Is it?", "Yes", "closed"), ("Is it?", "yes", "closed"), ("Is it?", "no", "closed"),
+                      ("What?", "liver", "open"), ("What?", "lung", "open"), ("What?", "Lung.", "open")])
+    test = _records([("Is x?", "no", "closed"), ("What x?", "lung", "open")], "test")
+    assert majority_answers(train, test) == ["yes", "lung"]
+    only_closed = _records([("Is it?", "no", "closed")])
+    assert majority_answers(only_closed, test) == ["no", "no"]  # no open training answer: the overall majority
+    with pytest.raises(ValueError, match="no training records"):
+        majority_answers([], test)
+
+
+def test_question_only_answers_learn_words_not_images():
+    from medvqa.evaluation import question_only_answers
+    train = _records([(f"Which organ is {w}?", a, "open") for w, a in
+                      [("bright", "liver"), ("shining", "liver"), ("dark", "lung"), ("black", "lung")] * 3])
+    test = _records([("Which organ is bright?", "liver", "open"), ("Which organ is dark?", "lung", "open")], "test")
+    assert question_only_answers(train, test) == ["liver", "lung"]
+    assert question_only_answers(_records([("a?", "Yes", "closed")] * 2), test) == ["yes", "yes"]

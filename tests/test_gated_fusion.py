@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm_helpers import CharTokenizer, char_ids, tiny_lm
 from medvqa.gated_fusion import (FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss,
                                  mfe_token_count, multi_scale_features, queue_distribution, queue_texts, text_queue_kl)
 
@@ -145,39 +146,23 @@ def test_queue_texts():
     assert len(queue_texts("CT of the liver.", "nodule?", KB(), 2)) == 2
 
 
-class TinyTokenizer:
-    """Character-level tokenizer: ids 3.. for characters; 0 = pad, 2 = eos."""
-    pad_token_id, eos_token_id = 0, 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (ord(c) % 60) for c in text]}
-
-
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 def tiny_data(queues=True):
     features = {"a": torch.randn(4, 4, 6), "b": torch.randn(4, 4, 6)}
     items = [("a", "q1?", "yes"), ("b", "where?", "left"), ("a", "q2?", "no")]
-    return FusionData(items, features, TinyTokenizer(), 4, {"a": ["ct", "liver"], "b": ["x"]} if queues else None,
+    return FusionData(items, features, CharTokenizer(), 4, {"a": ["ct", "liver"], "b": ["x"]} if queues else None,
                       queue_size=3, prompt="Q{question}A")
 
 
 def test_fusion_data_layout():
     data = tiny_data()
     row = data[1]
-    prompt, answer = [3 + ord(c) % 60 for c in "Qwhere?A"], [3 + ord(c) % 60 for c in " left"] + [2]
+    prompt, answer = char_ids("Qwhere?A"), char_ids(" left") + [2]
     width = data.text_ids.shape[1]
     assert row["text_ids"][-len(prompt + answer):].tolist() == prompt + answer  # left padding
     assert row["text_mask"].sum() == len(prompt + answer) and row["text_mask"][: width - len(prompt + answer)].sum() == 0
     assert row["labels"][-len(answer):].tolist() == answer and (row["labels"][:-len(answer)] == -100).all()
     assert row["prompt_ids"][-len(prompt):].tolist() == prompt
-    assert row["query_ids"].tolist() == [3 + ord(c) % 60 for c in "wher"] and row["query_mask"].all()  # cut to L = 4
+    assert row["query_ids"].tolist() == char_ids("wher") and row["query_mask"].all()  # cut to L = 4
     assert row["queue_mask"].tolist() == [True, False, False] and data[0]["queue_mask"].tolist() == [True, True, False]
 
 
@@ -189,7 +174,7 @@ def test_nll_only_scores_answer_tokens_and_matches_full_logits():
     with torch.no_grad():
         visual, _ = model.visual_prefix(batch)
         nll = model.nll(visual, batch)
-        inputs = model._inputs(visual, batch["text_ids"], batch["text_mask"])
+        inputs = model.lm_inputs(visual, batch["text_ids"], batch["text_mask"])
         logits = lm(**inputs).logits[:, visual.shape[1]:]  # every position, through the model's own head
         labels = batch["labels"]
         expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -231,11 +216,3 @@ def test_generate_returns_new_tokens_only():
     batch = torch.utils.data.default_collate([data[i] for i in range(3)])
     ids = model.generate(batch, max_new_tokens=3, eos_token_id=2)
     assert ids.shape[0] == 3 and ids.shape[1] <= 3
-
-
-def test_language_model_data_rows():
-    from medvqa.gated_fusion import LanguageModelData
-    data = LanguageModelData(["ab", "abcd"], TinyTokenizer(), max_length=3)
-    assert data.ids.tolist() == [[3 + ord("a") % 60, 3 + ord("b") % 60, 2], [3 + ord("a") % 60, 3 + ord("b") % 60, 2]]
-    short = LanguageModelData(["a", "abc"], TinyTokenizer())
-    assert short.labels[0].tolist() == [3 + ord("a") % 60, 2, -100, -100] and short.mask[0].tolist() == [1, 1, 0, 0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm_helpers import CharTokenizer, char_ids, tiny_lm
 from medvqa import models
 from medvqa.models import ModelUnavailableError
 
@@ -192,3 +193,79 @@ def test_tiny_llama_and_its_refusal_in_load_causal_lm():
     assert out.logits.shape == (1, 3, 50) and torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="built from a corpus"):
         models.load_causal_lm("tiny-llama")
+
+
+def test_language_model_data_rows():
+    data = models.LanguageModelData(["ab", "abcd"], CharTokenizer(), max_length=3)
+    assert data.ids.tolist() == [char_ids("ab") + [2], char_ids("ab") + [2]]
+    short = models.LanguageModelData(["a", "abc"], CharTokenizer())
+    assert short.labels[0].tolist() == char_ids("a") + [2, -100, -100] and short.mask[0].tolist() == [1, 1, 0, 0]
+
+
+def test_prompt_answer_tensors_layout_and_errors():
+    rows = models.prompt_answer_tensors(["ab", "abcd"], ["x", "yz"], CharTokenizer(), prompt="Q{question}A")
+    first = char_ids("QabA") + char_ids(" x") + [2]
+    width = rows["text_ids"].shape[1]
+    assert width == len(char_ids("QabcdA") + char_ids(" yz") + [2])
+    assert rows["text_ids"][0, -len(first):].tolist() == first and rows["text_ids"][0, :width - len(first)].eq(0).all()
+    assert rows["text_mask"][0].tolist() == [0] * (width - len(first)) + [1] * len(first)
+    assert rows["labels"][0].tolist() == [-100] * (width - 3) + char_ids(" x") + [2]  # the answer and eos only
+    assert rows["prompt_ids"][1].tolist() == char_ids("QabcdA") and rows["prompt_mask"][0].tolist() == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="2 questions but 1 answers"):
+        models.prompt_answer_tensors(["a", "b"], ["x"], CharTokenizer())
+
+
+def test_prefix_lm_nll_matches_full_logits_and_masked_prefix_slots():
+    lm = tiny_lm()
+    model = models.PrefixLM(lm)
+    rows = models.prompt_answer_tensors(["ab", "abcd"], ["x", "yz"], CharTokenizer(), prompt="Q{question}A")
+    prefix = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        nll = model.answer_nll(prefix, rows["text_ids"], rows["text_mask"], rows["labels"])
+        inputs = model.lm_inputs(prefix, rows["text_ids"], rows["text_mask"])
+        logits = lm(**inputs).logits[:, 3:]
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows["labels"][:, 1:].flatten(), ignore_index=-100)
+        assert torch.allclose(nll, expected, atol=1e-5)
+        # a masked prefix slot takes no position and changes nothing when its content changes
+        mask = torch.tensor([[1, 0, 1], [1, 0, 1]])
+        inputs = model.lm_inputs(prefix, rows["text_ids"], rows["text_mask"], mask)
+        assert inputs["position_ids"][1, :4].tolist() == [0, 0, 1, 2]
+        other = prefix.clone()
+        other[:, 1] = 100.0
+        a = model.answer_nll(prefix, rows["text_ids"], rows["text_mask"], rows["labels"], mask)
+        b = model.answer_nll(other, rows["text_ids"], rows["text_mask"], rows["labels"], mask)
+        assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, nll, atol=1e-4)
+    with pytest.raises(ValueError, match="no labelled token"):
+        model.answer_nll(prefix, rows["text_ids"], rows["text_mask"], torch.full_like(rows["labels"], -100))
+
+
+def test_greedy_answers_decodes_first_line_of_new_tokens():
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, batch, max_new_tokens=8, eos_token_id=None):
+            return batch["ids"][:, :max_new_tokens]
+
+    class Tok:
+        eos_token_id = 2
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join({3: "a", 4: "b", 5: "\n"}.get(int(i), "") for i in ids)
+
+    data = [{"ids": torch.tensor([3, 4, 5, 3])}, {"ids": torch.tensor([4, 4, 2, 2])}, {"ids": torch.tensor([5, 3, 3, 3])}]
+    assert models.greedy_answers(Echo(), data, Tok(), batch_size=2) == ["ab", "bb", ""]
+    assert models.greedy_answers(Echo(), data, Tok(), batch_size=2, max_new_tokens=1) == ["a", "b", ""]
+
+
+def test_causal_lm_for_tiny_llama_pretrains_and_freezes(tmp_path, smollm2):
+    texts = ["Question: Which organ? Answer: liver", "Question: Is it big? Answer: no"] * 8
+    lm, tokenizer, note = models.causal_lm_for("tiny-llama", texts, tmp_path / "lm", pretrain_epochs=2, seed=0, device="cpu",
+                                               extra_vocabulary=["Describe this image."])
+    assert isinstance(tokenizer, models.CompactTokenizer) and "Describe" in tokenizer.decode(tokenizer("Describe")["input_ids"])
+    assert not any(p.requires_grad for p in lm.parameters()) and not lm.training
+    start, end = [float(x) for x in note.split("loss ")[1].split(" in")[0].split(" -> ")]
+    assert end < start
+    with pytest.raises(ValueError, match="no texts"):
+        models.causal_lm_for("tiny-llama", [], tmp_path / "empty")

@@ -112,3 +112,11 @@ def test_summary_names_the_scoring_rule_of_a_result(tmp_path):
     summary = rep.write_summary([run], tmp_path, "cpu").read_text()
     assert "| 09_evaluation | BioD2C | slake | open_accuracy (bamco rule) | 55.9 | 74.2 (BioD2C, Table 1) |" in summary
     assert "| 09_evaluation | BioD2C | slake | open_accuracy | 53.1 | 74.2 (BioD2C, Table 1) |" in summary
+
+
+def test_summary_names_the_variant_of_a_result(tmp_path):
+    metrics = {"chapter": "08_knowledge_vqa", "results": [
+        {"paper": "baseline", "dataset": "slake", "metric": "open_accuracy", "value": 47.9, "mode": "strict", "variant": "question-only"}]}
+    run = rep.ChapterRun("08_knowledge_vqa", "passed", 1.0, "x.ipynb", metrics=metrics)
+    summary = rep.write_summary([run], tmp_path, "cpu").read_text()
+    assert "| 08_knowledge_vqa | baseline | slake | open_accuracy (strict rule; question-only) | 47.9 | — |" in summary
