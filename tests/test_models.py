@@ -269,3 +269,19 @@ def test_causal_lm_for_tiny_llama_pretrains_and_freezes(tmp_path, smollm2):
     assert end < start
     with pytest.raises(ValueError, match="no texts"):
         models.causal_lm_for("tiny-llama", [], tmp_path / "empty")
+
+
+def test_prefix_lm_on_gpt2_matches_full_logits():
+    """GPT-2 (BaMCo's GPT-2 XL) names its parts differently from Llama: the prefix mechanics must still hold."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=128, bos_token_id=2, eos_token_id=2)
+    model = models.PrefixLM(models.apply_lora(GPT2LMHeadModel(config).eval(), "bamco"))
+    rows = models.prompt_answer_tensors(["ab", "abcd"], ["x", "yz"], CharTokenizer(), prompt="Q{question}A")
+    prefix = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        nll = model.answer_nll(prefix, rows["text_ids"], rows["text_mask"], rows["labels"])
+        logits = model.lm(**model.lm_inputs(prefix, rows["text_ids"], rows["text_mask"])).logits[:, 3:]
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(nll, expected, atol=1e-5)
+    assert model.generate_answer(prefix, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=3, eos_token_id=2).shape[0] == 2
