@@ -22,8 +22,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['PROFILES', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir', 'profiles_dir',
-           'load_profile', 'seed_everything', 'pick_device', 'atomic_path', 'atomic_folder', 'to_builtin', 'write_json',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'MetricsWriter', 'metrics_file']
+           'load_profile', 'seed_everything', 'pick_device', 'cpu_attention_kernel', 'atomic_path', 'atomic_folder',
+           'to_builtin', 'write_json', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
+           'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full")
@@ -121,6 +122,13 @@ def pick_device(preference: str = "auto") -> torch.device:
     if not available[preference]:
         raise RuntimeError(f"device {preference!r} was requested but is not available here; use 'auto' or 'cpu'")
     return torch.device(preference)
+
+# %% ../nbs/00_core.ipynb #c021b
+def cpu_attention_kernel(device: torch.device | str):
+    """A context that runs scaled-dot-product attention with the plain (math) kernel on the CPU; a no-op elsewhere."""
+    from contextlib import nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH]) if torch.device(device).type == "cpu" else nullcontext()
 
 # %% ../nbs/00_core.ipynb #c023
 @contextmanager

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import cpu_attention_kernel
+
 # %% auto #0
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
-           'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights', 'image_text_reconstruction',
-           'pretraining_loss', 'derived_captions', 'load_images', 'PretrainingData', 'corpus_root',
-           'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_accuracy']
+           'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights',
+           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'load_images', 'PretrainingData',
+           'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -100,6 +102,12 @@ class CompactVocabulary:
         pieces = [self.to_wordpiece[i] for i in ids if i in self.to_wordpiece]
         return self.tokenizer.decode(pieces)
 
+
+def trim_text_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing columns of a [B, L] id batch that are padding in every row (same outputs, less work)."""
+    real = (tokens != CompactVocabulary.PAD).any(0).nonzero()
+    return tokens[:, : int(real[-1]) + 1] if len(real) else tokens[:, :1]
+
 # %% ../nbs/05_coregularized_pretraining.ipynb #c014
 @dataclass
 class CoRegConfig:
@@ -113,26 +121,27 @@ class CoRegConfig:
     recnet_layers: int = 2  # the paper: 4
     heads: int = 4
     text_length: int = 24
+    dropout: float = 0.1  # dropout in every Transformer layer (not given in the paper)
 
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch) ** 2
 
 
-def _encoder(dim: int, layers: int, heads: int) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True)
+def _encoder(dim: int, layers: int, heads: int, dropout: float = 0.1) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=dropout, activation="gelu", batch_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
 class SequenceEncoder(nn.Module):
     """[head, x_1..x_n] -> (h [B, d], H [B, n, d]); masked positions take a learned [MASK] embedding."""
 
-    def __init__(self, embed: nn.Module, length: int, dim: int, layers: int, heads: int):
+    def __init__(self, embed: nn.Module, length: int, dim: int, layers: int, heads: int, dropout: float = 0.1):
         super().__init__()
         self.embed, self.head = embed, nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_embedding = nn.Parameter(torch.zeros(dim))
         self.pos = nn.Parameter(torch.randn(1, length + 1, dim) * 0.02)
-        self.body = _encoder(dim, layers, heads)
+        self.body = _encoder(dim, layers, heads, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, padding: torch.Tensor | None = None):
         tokens = self.embed(x)  # [B, n, d]
@@ -140,7 +149,8 @@ class SequenceEncoder(nn.Module):
             tokens = torch.where(mask[..., None], self.mask_embedding.expand_as(tokens), tokens)
         seq = torch.cat([self.head.expand(len(x), -1, -1), tokens], 1) + self.pos[:, : tokens.shape[1] + 1]
         pad = None if padding is None else torch.cat([torch.zeros_like(padding[:, :1]), padding], 1)
-        out = self.body(seq, src_key_padding_mask=pad)
+        with cpu_attention_kernel(seq.device):
+            out = self.body(seq, src_key_padding_mask=pad)
         return out[:, 0], out[:, 1:]
 
 
@@ -150,12 +160,14 @@ class CoRegularizedModel(nn.Module):
     def __init__(self, config: CoRegConfig):
         super().__init__()
         c, self.config = config, config
-        self.image_encoder = SequenceEncoder(nn.Linear(3 * c.patch ** 2, c.dim), c.n_patches, c.dim, c.encoder_layers, c.heads)
-        self.text_encoder = SequenceEncoder(nn.Embedding(c.vocab_size, c.dim), c.text_length - 1, c.dim, c.encoder_layers, c.heads)
+        self.image_encoder = SequenceEncoder(nn.Linear(3 * c.patch ** 2, c.dim), c.n_patches, c.dim, c.encoder_layers, c.heads,
+                                             c.dropout)
+        self.text_encoder = SequenceEncoder(nn.Embedding(c.vocab_size, c.dim), c.text_length - 1, c.dim, c.encoder_layers,
+                                            c.heads, c.dropout)
         self.fusion = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))  # GlobalFusion
         self.shared_local = nn.Parameter(torch.randn(c.dim) * 0.02)  # h~ of local reconstruction
         self.rec_pos = nn.Parameter(torch.randn(1, 1 + c.n_patches + c.text_length - 1, c.dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(c.dim, c.heads, 4 * c.dim, dropout=0.1, activation="gelu",
+        layer = nn.TransformerEncoderLayer(c.dim, c.heads, 4 * c.dim, dropout=c.dropout, activation="gelu",
                                            batch_first=True, norm_first=False)  # Eq. 3: post-norm, GELU
         self.recnet = nn.TransformerEncoder(layer, c.recnet_layers, enable_nested_tensor=False)
         self.ffn_image = nn.Linear(c.dim, 3 * c.patch ** 2)  # FFN_I
@@ -181,7 +193,8 @@ class CoRegularizedModel(nn.Module):
         pad = None
         if text_padding is not None:
             pad = torch.cat([torch.zeros(len(h), 1 + H_i.shape[1], dtype=torch.bool, device=h.device), text_padding], 1)
-        out = self.recnet(v, src_key_padding_mask=pad)  # H_o
+        with cpu_attention_kernel(v.device):
+            out = self.recnet(v, src_key_padding_mask=pad)  # H_o
         n = H_i.shape[1]
         last = (~text_padding).sum(1) + n if text_padding is not None else torch.full((len(h),), out.shape[1] - 1, device=h.device)
         answer_state = out[torch.arange(len(h), device=h.device), last]  # H_o[:, -1]: the [ANS] slot
@@ -221,6 +234,7 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
         raise ValueError("batch fields have different lengths: patches, tokens, answer and is_caption must match")
     if model.training and momentum is not None:
         model.momentum_update(momentum)
+    tokens = trim_text_padding(tokens)
     text = tokens[:, 1:]
     padding = text == CompactVocabulary.PAD
     text_mask = random_mask(~padding & (text != CompactVocabulary.ANS), mask_ratio, generator)
@@ -414,6 +428,7 @@ def load_pmc_vqa(root: str | Path | None = None, split: str = "train", limit: in
 # %% ../nbs/05_coregularized_pretraining.ipynb #c028
 def answer_head(model: CoRegularizedModel, patches: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FFN_A logits [B, A], downstream head H_o[:, -1] [B, d]) of RecNet(h_F, H_I, H_T) for the unmasked input."""
+    tokens = trim_text_padding(tokens)
     h_i, H_i, h_t, H_t = model.encode(patches, tokens)
     padding = tokens[:, 1:] == CompactVocabulary.PAD
     _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)

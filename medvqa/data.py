@@ -33,7 +33,8 @@ __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES'
            'verify_images', 'load_vqa_rad', 'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet',
            'download', 'draw_scene', 'sample_scene', 'scene_questions', 'scene_caption', 'write_knowledge_graph',
            'generate_synthetic', 'synthetic_root', 'load_split', 'split_overlap', 'image_transform',
-           'answer_vocabulary', 'fixed_subset', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
+           'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords',
+           'LearnabilityProbe']
 
 # %% ../nbs/01_data.ipynb #c008
 @dataclass
@@ -775,6 +776,14 @@ def fixed_subset(records: Sequence[VQARecord], n: int, seed: int) -> list[VQARec
         return list(records)
     keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n]
     return [records[i] for i in sorted(keep.tolist())]
+
+
+def mean_image(images: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The pixel-wise mean of image tensors [3, S, S]: the 'blank' input of a blank-image baseline."""
+    images = list(images)
+    if not images:
+        raise ValueError("mean_image: no images")
+    return torch.stack(images).mean(0)
 
 
 class VQADataset(Dataset):

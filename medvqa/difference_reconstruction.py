@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .core import check_range, load_checkpoint, run_dir
 from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head,
-                                  image_text_reconstruction, patchify)
+                                  image_text_reconstruction, patchify, trim_text_padding)
 from .data import normalize_answer
 
 # %% auto #0
@@ -195,7 +195,7 @@ class FineTuneWeights:
 def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeights = FineTuneWeights(),
                   lam: LambdaSampler = LambdaSampler()) -> tuple[torch.Tensor, dict[str, float]]:
     """CMDPI fine-tuning loss (Eq. 8-13) for a `FineTuneData` batch; returns (loss, parts)."""
-    patches, tokens, answer = batch["patches"], batch["tokens"], batch["answer"]
+    patches, tokens, answer = batch["patches"], trim_text_padding(batch["tokens"]), batch["answer"]
     text = tokens[:, 1:]
     padding = text == CompactVocabulary.PAD
     h_i, H_i, h_t, H_t = model.encode(patches, tokens)  # Eq. 1, unmasked
@@ -224,10 +224,11 @@ def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeigh
 def predict_answers(model: CoRegularizedModel, data: FineTuneData, answers: Sequence[str], batch_size: int = 256) -> list[str]:
     """Greedy answer (argmax of FFN_A on the unblended input) for every sample of `data`."""
     model.eval()
+    device = next(model.parameters()).device  # every tensor goes where the model is
     out = []
     for start in range(0, len(data), batch_size):
         rows = range(start, min(start + batch_size, len(data)))
         patches = data.patches[[data.image_of[i] for i in rows]]
-        logits, _ = answer_head(model, patches.to(next(model.parameters()).device), data.tokens[start:rows.stop].to(patches.device))
+        logits, _ = answer_head(model, patches.to(device), data.tokens[start:rows.stop].to(device))
         out += [answers[k] for k in logits.argmax(1).tolist()]
     return out

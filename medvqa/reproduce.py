@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from .core import atomic_path, load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'list_chapters', 'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides',
-           'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun', 'run_chapter',
-           'reproduce', 'write_summary', 'main']
+__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'list_chapters', 'notebook_parameters',
+           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'injected_names', 'check_executed',
+           'reported_results', 'paper_value', 'ChapterRun', 'run_chapter', 'reproduce', 'write_summary', 'results_rows',
+           'results_table', 'results_reading', 'update_readme', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -169,7 +170,7 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     names = resolve_chapters(chapters, list_chapters(nbs_dir))
     declared = {name: notebook_parameters(nbs_dir / f"{name}.ipynb") for name in names}
     check_overrides(overrides, declared)
-    out_dir = Path(results_dir or project_root() / "results" / profile)
+    out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     bar = tqdm(names, desc=f"reproduce ({profile})", unit="chapter")
@@ -216,6 +217,105 @@ def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
+# %% ../nbs/90_reproduce.ipynb #c020b
+VQA_CHAPTERS = {"06_difference_reconstruction": "CMDPI", "07_gated_fusion": "BioD2C", "08_knowledge_vqa": "BaMCo"}
+PAPER_HEADLINES = {"CMDPI": ("CMDPI", ("overall_accuracy",)), "BioD2C": ("BioD2C", ("closed_accuracy", "open_accuracy")),
+                   "BaMCo": ("BaMCo (Llama 3.2 1B)", ("mean_open_closed_accuracy",))}
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def _paper_headline(paper: str, dataset: str, reported: Sequence[dict[str, str]]) -> str:
+    model, metrics = PAPER_HEADLINES[paper]
+    values = {r["metric"]: r["value"] for r in reported if r["paper"] == paper and r["model"] == model and r["dataset"] == dataset}
+    found = [values[m] for m in metrics if m in values]
+    return " / ".join(found) if len(found) == len(metrics) else "—"
+
+
+def _mevf_overall(dataset: str, reported: Sequence[dict[str, str]]) -> str:
+    """MEVF's overall accuracy on a dataset (a GPU classifier baseline, CMDPI Tables 1-2), or '—'."""
+    found = [r["value"] for r in reported if r["model"] == "MEVF" and r["dataset"] == dataset and r["metric"] == "overall_accuracy"]
+    return found[0] if found else "—"
+
+
+def results_rows(label: str, folder: str | Path, reported: Sequence[dict[str, str]] = ()) -> list[dict[str, Any]]:
+    """One row per VQA chapter of a run folder's summary.json (its strict overall accuracy and the two baselines)."""
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no summary of a run (run `medvqa reproduce ... --results {folder}` first)")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for run in summary.get("chapters", []):
+        if run.get("chapter") not in VQA_CHAPTERS:
+            continue
+        m = run.get("metrics", {}).get("metrics", {})
+        paper = VQA_CHAPTERS[run["chapter"]]
+        paired = m.get("paired", {})
+        rows.append({"run": label, "profile": summary.get("profile"), "chapter": run["chapter"], "method": paper,
+                     "dataset": m.get("dataset", "?"), "status": run.get("status"), "seconds": run.get("seconds"),
+                     "overall": m.get("overall"), "question_only": m.get("question_only_overall"),
+                     "blank_image": m.get("blank_image_overall"),
+                     "vs_question_only": paired.get("model - question-only"), "vs_blank": paired.get("model - blank image"),
+                     "paper": _paper_headline(paper, m.get("dataset", ""), reported),
+                     "mevf": _mevf_overall(m.get("dataset", ""), reported)})
+    return rows
+
+
+def results_table(runs: dict[str, str | Path], reported_path: str | Path | None = None) -> str:
+    """A markdown table of the VQA chapters of several run folders ({label: folder}), beside the papers."""
+    try:
+        reported = reported_results(reported_path)
+    except FileNotFoundError:
+        reported = []
+    pct = lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) else "—"
+    diff = lambda d: (f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+                      if isinstance(d, dict) else "—")
+    lines = ["| run | chapter | data | overall | question-only | blank image | model − question-only [95 % CI] | "
+             "model − blank image [95 % CI] | paper reports | MEVF (GPU) | wall time (s) |", "| --- " * 11 + "|"]
+    for label, folder in runs.items():
+        for r in results_rows(label, folder, reported):
+            status = "" if r["status"] == "passed" else f" ({r['status']})"
+            lines.append(f"| {r['run']} | {r['chapter'].split('_')[0]} {r['method']}{status} | {r['dataset']} | {pct(r['overall'])} | "
+                         f"{pct(r['question_only'])} | {pct(r['blank_image'])} | {diff(r['vs_question_only'])} | "
+                         f"{diff(r['vs_blank'])} | {r['paper']} | {r['mevf']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def results_reading(runs: dict[str, str | Path], reported_path: str | Path | None = None) -> str:
+    """One computed line per run: how many VQA chapters beat question-only and lose on a blank image (paired 95 %
+    intervals above 0), and the best chapter beside MEVF."""
+    try:
+        reported = reported_results(reported_path)
+    except FileNotFoundError:
+        reported = []
+    above = lambda d: isinstance(d, dict) and d["ci_low"] > 0
+    lines = []
+    for label, folder in runs.items():
+        rows = [r for r in results_rows(label, folder, reported) if isinstance(r["overall"], (int, float))]
+        if not rows:
+            lines.append(f"- **{label}**: no VQA chapter reported an overall accuracy.")
+            continue
+        best = max(rows, key=lambda r: r["overall"])
+        lines.append(f"- **{label}**: {sum(above(r['vs_question_only']) for r in rows)} of {len(rows)} VQA chapters above "
+                     f"question-only and {sum(above(r['vs_blank']) for r in rows)} of {len(rows)} above their blank-image score "
+                     f"(paired 95 % interval above 0); best {best['chapter'].split('_')[0]} {best['method']} "
+                     f"{100 * best['overall']:.1f} (MEVF on a GPU: {best['mevf']}).")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, table: str, note: str = "") -> Path:
+    """Replace the text between the README's results markers by `table` (and a line saying where it came from)."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme}: needs exactly one {start} followed by one {end}")
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    body = "\n".join(["", *(["_" + note + "_", ""] if note else []), table, ""])
+    with atomic_path(readme) as tmp:
+        tmp.write_text(before + start + body + end + after, encoding="utf-8")
+    return readme
+
 # %% ../nbs/90_reproduce.ipynb #c022
 def _parse_value(text: str) -> Any:
     """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string (YAML rules)."""
@@ -224,7 +324,7 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`medvqa reproduce [--profile P] [--chapters C ...] [-p NAME VALUE ...]`; returns the exit code."""
+    """`medvqa reproduce [--profile P] [--chapters C ...] [-p NAME VALUE ...]` or `medvqa results LABEL=FOLDER ...`."""
     parser = argparse.ArgumentParser(prog="medvqa", description="medvqa: notebook-first Med-VQA tutorials")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run chapters headless and write results/<profile>/summary.md")
@@ -236,7 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell execution timeout in seconds")
     rep.add_argument("--results", default=None, help="output folder (default results/<profile>)")
     rep.add_argument("--list", action="store_true", help="list the chapters and their parameters, then exit")
+    res = sub.add_parser("results", help="the VQA results table of run folders (and write it into the README)")
+    res.add_argument("runs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run folder, e.g. smoke=results/smoke")
+    res.add_argument("--readme", default=None, help="replace the table between the results markers of this README")
     args = parser.parse_args(argv)
+    if args.command == "results":
+        try:
+            runs = dict(item.split("=", 1) for item in args.runs)
+            table = results_table(runs) + "\n\n" + results_reading(runs)
+            if args.readme:
+                update_readme(args.readme, table, "generated by `medvqa results " + " ".join(args.runs) + "`")
+        except (ValueError, FileNotFoundError) as error:
+            print(f"medvqa results: {error}", file=sys.stderr)
+            return 2
+        print(table)
+        return 0
     try:
         if args.list:
             for name in list_chapters():

@@ -123,3 +123,15 @@ def test_atomic_folder_replaces_only_on_success(tmp_path):
             raise RuntimeError("killed")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .partial left behind
+
+
+def test_cpu_attention_kernel_computes_plain_attention():
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with core.cpu_attention_kernel("cpu"):
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-5)
+    from contextlib import nullcontext
+    assert isinstance(core.cpu_attention_kernel("cuda"), nullcontext)  # elsewhere PyTorch chooses

@@ -201,3 +201,19 @@ def test_pretraining_data_reads_image_files_like_tensors(tmp_path):
     eager = PretrainingData(decoded, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
     lazy = PretrainingData({"x": tmp_path / "x.png"}, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
     assert torch.equal(eager[0]["patches"], lazy[0]["patches"]) and lazy.patches == {}
+
+
+def test_trailing_text_padding_changes_nothing():
+    """Trimming all-padding columns (trim_text_padding) is a pure speed-up: same answer logits, same pre-training loss."""
+    from medvqa.coregularized import answer_head, trim_text_padding
+    model, batch = tiny()
+    model.eval()
+    short = batch["tokens"][:, :4]  # the batch's longest text ends at column 3
+    assert torch.equal(trim_text_padding(batch["tokens"]), short)
+    with torch.no_grad():
+        full_logits, full_state = answer_head(model, batch["patches"], batch["tokens"])
+        h_i, H_i, h_t, H_t = model.encode(batch["patches"], short)
+        pad = short[:, 1:] == CompactVocabulary.PAD
+        _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
+    assert torch.allclose(full_logits, logits, atol=1e-5) and torch.allclose(full_state, state, atol=1e-5)
+    assert torch.equal(trim_text_padding(torch.zeros(2, 5, dtype=torch.long)), torch.zeros(2, 1, dtype=torch.long))

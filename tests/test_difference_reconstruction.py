@@ -220,3 +220,30 @@ def test_load_pretrained_round_trip_and_errors(tmp_path):
 def test_unpatchify_inverts_patchify():
     x = torch.randn(2, 3, 24, 24)
     assert torch.equal(unpatchify(patchify(x, 8), 8), x)
+
+
+def test_blank_image_data_gives_every_question_the_same_image():
+    """Chapter 06's blank-image baseline: every record sees the mean image, so answers depend on the question alone."""
+    from medvqa.data import mean_image
+    from medvqa.difference_reconstruction import predict_answers
+    from dataclasses import replace
+    model, vocab, answers, records, images = tiny_setup()
+    records = [replace(r, question="question 0") if i < 6 else r for i, r in enumerate(records)]  # one question, six images
+    blank = mean_image(images.values())
+    data = FineTuneData(records, {i: blank for i in images}, vocab, answers, 8, training=False)
+    assert all(torch.equal(data.patches[k], patchify(blank[None], 8)[0]) for k in range(len(data.patches)))
+    same_question = list(range(6))
+    predictions = predict_answers(model, data, answers)
+    normal = predict_answers(model, FineTuneData(records, images, vocab, answers, 8, training=False), answers)
+    assert len(predictions) == len(records) == len(normal)
+    assert len({predictions[i] for i in same_question}) == 1
+    with torch.no_grad():  # while with their own images the six answer logits differ
+        from medvqa.coregularized import answer_head
+        own = FineTuneData(records, images, vocab, answers, 8, training=False)
+        logits = answer_head(model, own.patches[[own.image_of[i] for i in same_question]], own.tokens[same_question])[0]
+    assert not torch.allclose(logits[0], logits[1])
+    with torch.no_grad():  # the model reads the image: another image gives other logits for the same question
+        from medvqa.coregularized import answer_head
+        a = answer_head(model, data.patches[:1], data.tokens[:1])[0]
+        b = answer_head(model, patchify(images["0"][None], 8), data.tokens[:1])[0]
+    assert not torch.allclose(a, b)

@@ -147,3 +147,81 @@ def test_question_only_answers_learn_words_not_images():
     test = _records([("Which organ is bright?", "liver", "open"), ("Which organ is dark?", "lung", "open")], "test")
     assert question_only_answers(train, test) == ["liver", "lung"]
     assert question_only_answers(_records([("a?", "Yes", "closed")] * 2), test) == ["yes", "yes"]
+
+
+def paired_loop(a, b, clusters, samples, level, seed):
+    """The cluster bootstrap of a - b written out one resample at a time."""
+    members = {}
+    for q, c in enumerate(clusters):
+        members.setdefault(str(c), []).append(q)
+    names = sorted(members)
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(samples):
+        picked = [q for k in rng.integers(0, len(names), size=len(names)) for q in members[names[k]]]
+        stats.append(sum(a[q] - b[q] for q in picked) / len(picked))
+    return np.quantile(stats, (1 - level) / 2), np.quantile(stats, 1 - (1 - level) / 2), float(np.mean(np.array(a) - np.array(b)))
+
+
+@pytest.mark.parametrize("questions, per_image, seed", [(30, 1, 0), (45, 3, 1), (61, 5, 2)])
+def test_paired_bootstrap_matches_a_plain_loop(questions, per_image, seed):
+    from medvqa.evaluation import paired_bootstrap
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 2, questions).astype(float), rng.integers(0, 2, questions).astype(float)
+    images = [f"image{q // per_image}" for q in range(questions)]
+    fast = paired_bootstrap(a, b, images, samples=400, level=0.9, seed=seed)
+    low, high, mean = paired_loop(a, b, images, 400, 0.9, seed)
+    assert (fast["ci_low"], fast["ci_high"], fast["difference"]) == pytest.approx((low, high, mean), abs=1e-12)
+    assert fast["clusters"] == -(-questions // per_image) and fast["questions"] == questions
+
+
+def test_paired_bootstrap_properties():
+    from medvqa.evaluation import paired_bootstrap
+    a = np.array([1.0, 0, 1, 1, 0, 1, 0, 1])
+    same = paired_bootstrap(a, a, list("aabbccdd"))
+    assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    better = paired_bootstrap(np.ones(40), np.arange(40) % 3 == 0, [q // 4 for q in range(40)])
+    assert better["ci_low"] > 0 and better["difference"] == pytest.approx(1 - 14 / 40)
+    worse = paired_bootstrap(np.arange(40) % 3 == 0, np.ones(40), [q // 4 for q in range(40)])
+    assert worse["difference"] == -better["difference"] and worse["ci_high"] < 0
+    # clustering widens the interval when questions of one image move together
+    scores_a = np.repeat(np.random.default_rng(0).integers(0, 2, 20), 5).astype(float)
+    scores_b = np.zeros(100)
+    loose = paired_bootstrap(scores_a, scores_b, None, seed=1)
+    tight = paired_bootstrap(scores_a, scores_b, np.repeat(np.arange(20), 5), seed=1)
+    assert tight["ci_high"] - tight["ci_low"] > 1.5 * (loose["ci_high"] - loose["ci_low"])
+    with pytest.raises(ValueError, match="same questions"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError, match="cluster labels"):
+        paired_bootstrap([1.0, 0.0], [1.0, 1.0], ["a"])
+
+
+def test_image_use_report_on_hand_made_predictions():
+    from medvqa.evaluation import image_use_report
+    records = [VQARecord("synthetic", "test", str(q), f"img{q // 2}", None, "q", ans, "closed" if ans in ("yes", "no") else "open")
+               for q, ans in enumerate(["yes", "liver", "no", "ct", "yes", "mri"])]
+    model = ["yes", "liver", "no", "ct", "no", "mri"]  # 5 of 6
+    question_only = ["yes", "lung", "yes", "ct", "yes", "ct"]  # 3 of 6
+    blank = ["yes", "lung", "no", "x-ray", "yes", "x-ray"]  # 3 of 6
+    report = image_use_report(records, model, question_only, blank, seed=0)
+    assert (report["overall"], report["question_only_overall"], report["blank_image_overall"]) == pytest.approx((5 / 6, 0.5, 0.5))
+    assert report["paired"]["model - question-only"]["difference"] == pytest.approx(1 / 3)
+    assert report["paired"]["model - blank image"]["clusters"] == 3  # questions cluster by image
+    with pytest.raises(ValueError, match="5 blank image answers for 6 records"):
+        image_use_report(records, model, question_only, blank[:5])
+
+
+def test_blank_image_evaluation_separates_a_model_that_looks_from_one_that_does_not():
+    """The blank-image baseline: a model reading the image changes its answers, a question-only model does not."""
+    import torch
+    from medvqa.data import mean_image
+    images = {"dark": torch.full((3, 4, 4), -1.0), "bright": torch.full((3, 4, 4), 1.0)}
+    blank = mean_image(images.values())
+    looks = lambda x: "bright" if float(x.mean()) > 0.5 else "dark"
+    ignores = lambda x: "dark"
+    records = [VQARecord("t", "test", "0", "dark", None, "which?", "dark", "open"),
+               VQARecord("t", "test", "1", "bright", None, "which?", "bright", "open")]
+    for model, expected in ((looks, (1.0, 0.5)), (ignores, (0.5, 0.5))):
+        normal = score_records(records, [model(images[r.image_id]) for r in records])["overall"]
+        blanked = score_records(records, [model(blank) for r in records])["overall"]
+        assert (normal, blanked) == expected

@@ -216,3 +216,17 @@ def test_generate_returns_new_tokens_only():
     batch = torch.utils.data.default_collate([data[i] for i in range(3)])
     ids = model.generate(batch, max_new_tokens=3, eos_token_id=2)
     assert ids.shape[0] == 3 and ids.shape[1] <= 3
+
+
+def test_fusion_decoder_ends_in_a_layer_norm():
+    """Pre-norm decoder layers need a final norm (as in the released code): the fused tokens come out normalised."""
+    fusion = GatedFusion(vision_dim=12, width=16, visual_side=2, scales=2, layers=2, heads=2, dim=8, dropout=0.0).eval()
+    assert isinstance(fusion.decoder.norm, torch.nn.LayerNorm)
+    captured = {}
+    fusion.decoder.register_forward_hook(lambda m, a, out: captured.setdefault("x_vt", out))
+    with torch.no_grad():
+        fusion(torch.randn(3, 4, 4, 12) * 50, torch.randn(3, 4, 16) * 50)
+    x_vt = captured["x_vt"]
+    torch.testing.assert_close(x_vt.mean(-1), torch.zeros(3, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x_vt.std(-1, unbiased=False), torch.ones(3, 4), atol=1e-2, rtol=0)
+    assert all(layer.dropout.p == 0.0 for layer in fusion.decoder.layers)

@@ -20,7 +20,7 @@ def smollm2():
 def test_unknown_names_list_known_ones():
     with pytest.raises(ValueError, match="'minilm'.*'smollm2-135m'"):
         models.model_spec("gpt-5")
-    with pytest.raises(ValueError, match="'small-vit', 'biomedclip'"):
+    with pytest.raises(ValueError, match="'small-vit', 'small-cnn', 'small-cnn-ssl', 'biomedclip'"):
         models.load_image_encoder("resnet-50")
 
 
@@ -43,6 +43,33 @@ def test_small_vit_shapes_and_errors():
         vit(torch.randn(3, 1, 32, 32))
     with pytest.raises(ValueError, match="multiple of patch_size"):
         models.SmallViT(image_size=30)
+
+
+def test_small_cnn_shapes_pooling_and_errors():
+    cnn = models.load_image_encoder("small-cnn", image_size=32).eval()
+    x = torch.randn(3, 3, 32, 32)
+    feats = cnn(x)
+    assert feats.patches.shape == (3, 4, 4, 128) and feats.embedding.shape == (3, 256)
+    grid = feats.patches.flatten(1, 2)  # [B, 16, 128]
+    torch.testing.assert_close(feats.embedding, torch.cat([grid.mean(1), grid.amax(1)], 1))  # [mean; max] of the grid
+    assert cnn.patch_dim == 128 and cnn.embed_dim == 256 and cnn.name == "small-cnn"
+    with pytest.raises(ValueError, match="multiple of 8"):
+        models.SmallCNN(image_size=36)
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 32, 32\]"):
+        cnn(torch.randn(1, 3, 64, 64))
+    built = models.build_image_encoder("small-cnn-ssl", 32)
+    assert isinstance(built, models.SmallCNN) and built.name == "small-cnn-ssl"
+    with pytest.raises(ValueError, match="use load_image_encoder"):
+        models.build_image_encoder("biomedclip")
+
+
+def test_apply_lora_dropout_override():
+    lm = tiny_lm()
+    plain = models.apply_lora(lm, "bamco")
+    assert plain.peft_config["default"].lora_dropout == 0.05  # the preset's value
+    lm = tiny_lm()
+    quiet = models.apply_lora(lm, "bamco", dropout=0.0)
+    assert quiet.peft_config["default"].lora_dropout == 0.0 and models.LORA_PRESETS["bamco"]["lora_dropout"] == 0.05
 
 
 @pytest.fixture(scope="module")
