@@ -17,8 +17,8 @@ from .data import ANSWER_TYPES, normalize_answer
 
 # %% auto #0
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
-           'bootstrap_interval', 'accuracy_table', 'paired_bootstrap', 'image_use_report', 'bleu1', 'rouge1',
-           'bert_scores', 'text_metrics', 'majority_answers', 'question_only_answers', 'write_predictions',
+           'bootstrap_interval', 'accuracy_table', 'paired_bootstrap', 'image_use_report', 'image_use_lines', 'bleu1',
+           'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'question_only_answers', 'write_predictions',
            'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
@@ -154,6 +154,16 @@ def image_use_report(records: Sequence, predictions: Sequence[str], question_onl
     mean = lambda xs: float(np.mean(xs))
     return {"overall": mean(per_question["model"]), "question_only_overall": mean(per_question["question-only"]),
             "blank_image_overall": mean(per_question["blank image"]), "paired": paired, "mode": mode}
+
+
+def image_use_lines(report: dict, model: str) -> list[str]:
+    """One readable line per paired comparison of an `image_use_report`, with its verdict."""
+    lines = []
+    for comparison, d in report["paired"].items():
+        verdict = "above 0: the image helps" if d["ci_low"] > 0 else "includes 0: no evidence at this size"
+        lines.append(f"{model} {comparison}: {100 * d['difference']:+.1f} points, 95 % interval [{100 * d['ci_low']:+.1f}, "
+                     f"{100 * d['ci_high']:+.1f}] over {d['questions']} questions on {d['clusters']} images ({verdict})")
+    return lines
 
 # %% ../nbs/09_evaluation.ipynb #c015
 def bleu1(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

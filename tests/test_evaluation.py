@@ -209,6 +209,11 @@ def test_image_use_report_on_hand_made_predictions():
     assert report["paired"]["model - blank image"]["clusters"] == 3  # questions cluster by image
     with pytest.raises(ValueError, match="5 blank image answers for 6 records"):
         image_use_report(records, model, question_only, blank[:5])
+    from medvqa.evaluation import image_use_lines
+    lines = image_use_lines(report, "toy")
+    assert len(lines) == 2 and lines[0].startswith("toy model - question-only: +33.3 points, 95 % interval [")
+    assert lines[1].endswith("over 6 questions on 3 images (" + ("above 0: the image helps)" if report["paired"]["model - blank image"]["ci_low"] > 0
+                                                                  else "includes 0: no evidence at this size)"))
 
 
 def test_blank_image_evaluation_separates_a_model_that_looks_from_one_that_does_not():
