@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from .core import load_checkpoint, run_dir, save_checkpoint
 # %% auto #0
 __all__ = ['SPACE_CONFIG_KEYS', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D',
            'CosineClassifier', 'KnowledgeSpace', 'bamco_loss', 'alignment_loss', 'KnowledgePairs', 'top1_matching',
-           'knowledge_space_file', 'save_knowledge_spaces', 'load_knowledge_spaces']
+           'own_class_hits', 'knowledge_space_file', 'save_knowledge_spaces', 'load_knowledge_spaces']
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c008
 def _check_unit(x: torch.Tensor, name: str, tol: float = 1e-3) -> None:
@@ -173,6 +173,14 @@ class KnowledgePairs(torch.utils.data.Dataset):
 def top1_matching(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Index of the most cosine-similar key for each query. queries [Q, D], keys [K, D] -> [Q]."""
     return (F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T).argmax(dim=1)
+
+
+def own_class_hits(predicted: Sequence[int], labels: Sequence[Iterable[int]]) -> list[tuple[int, int, bool]]:
+    """The Fig. 4 hit rule: one (query, class, hit) row per label of each query, a hit only when the top-1
+    prediction is that row's own class (an image with two entities can score on at most one of its rows)."""
+    if len(predicted) != len(labels):
+        raise ValueError(f"own_class_hits: {len(predicted)} predictions for {len(labels)} queries")
+    return [(q, c, int(p) == c) for q, (p, cs) in enumerate(zip(predicted, labels)) for c in sorted(cs)]
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c037
 SPACE_CONFIG_KEYS = ("dataset", "classes", "class_images", "image_dim", "text_dim", "embed_dim", "image_encoder",

@@ -20,7 +20,8 @@ from .core import cpu_attention_kernel
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
            'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights',
            'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'load_images', 'PretrainingData',
-           'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_accuracy']
+           'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_hits',
+           'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -441,13 +442,20 @@ def answer_loss(model: CoRegularizedModel, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def answer_accuracy(model: CoRegularizedModel, data, batch_size: int = 256) -> dict[str, float]:
-    """Exact-match accuracy of FFN_A's argmax on a PretrainingData of VQA samples (answers outside the vocabulary count as wrong)."""
+def answer_hits(model: CoRegularizedModel, data, batch_size: int = 256) -> list[bool]:
+    """Per sample of a PretrainingData of VQA samples: is FFN_A's argmax the answer (answers outside the vocabulary are wrong)."""
     model.eval()
+    device = next(model.parameters()).device  # every tensor goes where the model is
     hits = []
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
         pred = answer_head(model, batch["patches"], batch["tokens"])[0].argmax(1)
         hits += (pred == batch["answer"]).tolist()
+    return hits
+
+
+def answer_accuracy(model: CoRegularizedModel, data, batch_size: int = 256) -> dict[str, float]:
+    """Exact-match accuracy of FFN_A's argmax on a PretrainingData of VQA samples."""
+    hits = answer_hits(model, data, batch_size)
     return {"accuracy": sum(hits) / max(len(hits), 1)}

@@ -534,18 +534,27 @@ def _place_lesions(rng: np.random.Generator, organ_box: tuple, count: int, radiu
     return placed
 
 
-def sample_scene(rng: np.random.Generator, image_id: int) -> dict:
-    """Draw a random scene: modality, region, organ jitter, findings and a noise seed."""
-    modality = MODALITIES[rng.choice(3, p=[0.45, 0.3, 0.25])]
-    region = REGIONS[modality][rng.integers(len(REGIONS[modality]))]
+def sample_scene(rng: np.random.Generator, image_id: int, finding: str | None = None) -> dict:
+    """Draw a random scene: modality, region, organ jitter, findings and a noise seed.
+
+    With `finding`, the scene always shows that finding (modality and region are redrawn until they allow it): the
+    balanced validation images. Without it, a finding appears with probability 0.6, by the long-tailed frequencies."""
+    if finding is not None and finding not in FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}; known: {', '.join(FINDINGS)}")
+    while True:
+        modality = MODALITIES[rng.choice(3, p=[0.45, 0.3, 0.25])]
+        region = REGIONS[modality][rng.integers(len(REGIONS[modality]))]
+        organs = [o for o in ORGANS[region] if o in ORGAN_GREY[modality]]
+        possible = [f for f, spec in FINDINGS.items() if set(spec[1]) & set(organs)]
+        if finding is None or finding in possible:
+            break
     jitter = (float(rng.uniform(-0.02, 0.02)), float(rng.uniform(-0.02, 0.02)))
     scene = {"image_id": image_id, "modality": modality, "region": region, "jitter": jitter,
              "noise_seed": int(rng.integers(2**31)), "lesions": [], "twin_of": None}
-    organs = [o for o in ORGANS[region] if o in ORGAN_GREY[modality]]
-    possible = [f for f, spec in FINDINGS.items() if set(spec[1]) & set(organs)]
-    if rng.random() < 0.6 and possible:
+    if finding is None and rng.random() < 0.6 and possible:
         weights = np.array([FINDINGS[f][0] for f in possible], dtype=float)
         finding = possible[rng.choice(len(possible), p=weights / weights.sum())]
+    if finding is not None:
         organ_choices = [o for o in FINDINGS[finding][1] if o in organs]
         organ = organ_choices[rng.integers(len(organ_choices))]
         large = finding == "Mass" or rng.random() < 0.4
@@ -671,8 +680,15 @@ def _twin(scene: dict, rng: np.random.Generator, image_id: int) -> dict:
 
 
 def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, size: int = 128,
-                       twin_rate: float = 0.15) -> Path:
-    """Generate the synthetic dataset (SLAKE layout) into `folder`; same arguments -> identical files."""
+                       twin_rate: float = 0.15, balanced_validation: int | None = None) -> Path:
+    """Generate the synthetic dataset (SLAKE layout) into `folder`; same arguments -> identical files.
+
+    `balanced_validation` extra images (default n_images // 2) join the validate split only, each showing one
+    finding type in turn (so every type is equally frequent): rare classes get enough held-out queries (chapter 04), while the train and test
+    splits stay exactly what they are without them."""
+    balanced_validation = n_images // 2 if balanced_validation is None else balanced_validation
+    if balanced_validation < 0:
+        raise ValueError(f"balanced_validation must be >= 0, got {balanced_validation}")
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     scenes: list[dict] = []
@@ -686,6 +702,12 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
     n_train, n_val = int(0.7 * len(groups)), int(0.15 * len(groups))
     split_of_group = {groups[g]: ("train" if k < n_train else "validate" if k < n_train + n_val else "test")
                       for k, g in enumerate(order)}
+    balanced_rng = np.random.default_rng([seed, 1])  # its own stream: the images above do not change
+    for k in range(balanced_validation):
+        scene = sample_scene(balanced_rng, len(scenes), finding=list(FINDINGS)[k % len(FINDINGS)])  # each type in turn
+        scene["balanced"] = True
+        scenes.append(scene)
+        split_of_group[scene["image_id"]] = "validate"
     with atomic_folder(folder) as tmp:
         (tmp / "imgs").mkdir(parents=True)
         splits: dict[str, list] = {"train": [], "validate": [], "test": []}
@@ -717,7 +739,7 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
     return folder
 
 
-SYNTHETIC_VERSION = 2  # bump when the generator changes, so cached copies are regenerated
+SYNTHETIC_VERSION = 3  # bump when the generator changes, so cached copies are regenerated
 
 
 def synthetic_root(n_images: int = 480, seed: int = 0) -> Path:

@@ -17,9 +17,10 @@ from .data import ANSWER_TYPES, normalize_answer
 
 # %% auto #0
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
-           'bootstrap_interval', 'accuracy_table', 'paired_bootstrap', 'image_use_report', 'image_use_lines', 'bleu1',
-           'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'question_only_answers', 'write_predictions',
-           'read_predictions']
+           'bootstrap_interval', 'accuracy_table', 'paired_bootstrap', 'image_use_report', 'image_use_lines',
+           'question_scores', 'seeded_effect', 'ablation_effects', 'seed_summary', 'effect_verdict', 'effects_lines',
+           'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
+           'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -164,6 +165,105 @@ def image_use_lines(report: dict, model: str) -> list[str]:
         lines.append(f"{model} {comparison}: {100 * d['difference']:+.1f} points, 95 % interval [{100 * d['ci_low']:+.1f}, "
                      f"{100 * d['ci_high']:+.1f}] over {d['questions']} questions on {d['clusters']} images ({verdict})")
     return lines
+
+# %% ../nbs/09_evaluation.ipynb #c013f
+def question_scores(records: Sequence, predictions: Sequence[str], mode: str = "strict") -> np.ndarray:
+    """Per-question scores [Q] (1 right, 0 wrong under `mode`) of predictions for records."""
+    if len(records) != len(predictions):
+        raise ValueError(f"question_scores: {len(predictions)} predictions for {len(records)} records")
+    return np.array([score_answer(p, r.answer, r.answer_type, mode) for p, r in zip(predictions, records)], dtype=float)
+
+
+def _seed_matrix(scores, name: str) -> np.ndarray:
+    m = np.asarray(scores, dtype=float)
+    m = m[None] if m.ndim == 1 else m
+    if m.ndim != 2 or not m.size:
+        raise ValueError(f"{name}: scores must be [seeds, questions], got shape {list(np.shape(scores))}")
+    return m
+
+
+def seeded_effect(scores_full, scores_variant, clusters: Sequence | None = None, samples: int = 2000,
+                  level: float = 0.95, seed: int = 0) -> dict:
+    """Mean over seeds of full - variant on the same questions ([seeds, questions] scores, seed s against seed s),
+    with a bootstrap interval that resamples clusters (images) and seeds, and the smallest detectable difference."""
+    a, b = _seed_matrix(scores_full, "seeded_effect"), _seed_matrix(scores_variant, "seeded_effect")
+    if a.shape != b.shape:
+        raise ValueError(f"seeded_effect: {list(a.shape)} and {list(b.shape)} scores; both need the same seeds and questions")
+    n_seeds, n_questions = a.shape
+    if clusters is not None and len(clusters) != n_questions:
+        raise ValueError(f"seeded_effect: {len(clusters)} cluster labels for {n_questions} questions")
+    d = a - b  # [S, Q]
+    labels = np.arange(n_questions) if clusters is None else np.asarray([str(c) for c in clusters])
+    _, inverse = np.unique(labels, return_inverse=True)
+    n_clusters = int(inverse.max()) + 1
+    sums = np.stack([np.bincount(inverse, weights=row, minlength=n_clusters) for row in d])  # [S, C]
+    sizes = np.bincount(inverse, minlength=n_clusters).astype(float)  # [C]
+    rng = np.random.default_rng(seed)
+    cluster_draws = rng.integers(0, n_clusters, size=(samples, n_clusters))  # [B, C]
+    seed_draws = rng.integers(0, n_seeds, size=(samples, n_seeds))  # [B, S]
+    counts = np.stack([np.bincount(row, minlength=n_clusters) for row in cluster_draws]).astype(float)  # [B, C]
+    per_seed = (counts @ sums.T) / (counts @ sizes)[:, None]  # [B, S] mean difference of each seed in each resample
+    resampled = np.take_along_axis(per_seed, seed_draws, axis=1).mean(1)  # [B]
+    low, high = np.quantile(resampled, [(1 - level) / 2, 1 - (1 - level) / 2])
+    from scipy.stats import norm
+    standard_error = (high - low) / (2 * norm.ppf(0.5 + level / 2))  # the interval's width read as +- z SE
+    return {"difference": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
+            "per_seed": [float(x) for x in d.mean(1)], "seeds": n_seeds, "questions": n_questions,
+            "clusters": n_clusters, "detectable": float(2.8 * standard_error), "samples": samples, "level": level}
+
+
+def ablation_effects(scores: dict[str, object], clusters: Sequence | None = None, full: str = "full",
+                     samples: int = 2000, seed: int = 0) -> list[dict]:
+    """One `seeded_effect` per variant other than `full`: {'comparison': 'full - <variant>', ...}."""
+    if full not in scores:
+        raise ValueError(f"ablation_effects: no {full!r} among the variants {sorted(scores)}")
+    return [{"comparison": f"{full} - {name}", **seeded_effect(scores[full], s, clusters, samples, seed=seed)}
+            for name, s in scores.items() if name != full]
+
+
+def seed_summary(scores: dict[str, object]) -> pd.DataFrame:
+    """Accuracy of each variant over seeds: mean, standard deviation, lowest and highest seed."""
+    rows = []
+    for name, s in scores.items():
+        per_seed = _seed_matrix(s, "seed_summary").mean(1)
+        rows.append({"variant": name, "mean": per_seed.mean(), "sd": per_seed.std(ddof=1) if len(per_seed) > 1 else 0.0,
+                     "lowest": per_seed.min(), "highest": per_seed.max(), "seeds": len(per_seed)})
+    return pd.DataFrame(rows)
+
+
+def effect_verdict(effect: dict) -> str:
+    """A reading of one effect from its interval."""
+    if effect["ci_low"] > 0:
+        return "the interval is above 0: the component helps"
+    if effect["ci_high"] < 0:
+        return "the interval is below 0: the model is better without it"
+    return (f"the interval includes 0: no effect shown; a difference of about {100 * effect['detectable']:.1f} points "
+            f"would have been detected")
+
+
+def effects_lines(effects: Sequence[dict]) -> list[str]:
+    """One sentence per effect, computed from the numbers: difference, interval, size of the experiment, verdict."""
+    return [f"{e['comparison']}: {100 * e['difference']:+.1f} points, 95 % interval [{100 * e['ci_low']:+.1f}, "
+            f"{100 * e['ci_high']:+.1f}] ({e['seeds']} seeds x {e['questions']} questions on {e['clusters']} images); "
+            f"{effect_verdict(e)}" for e in effects]
+
+
+def plot_effects(effects: Sequence[dict], title: str = "", ax=None):
+    """Each effect as a point with its interval (accuracy points), a line at 0 and the seeds' own differences."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.6 * len(effects) + 1.5))
+    names = [e["comparison"] for e in effects]
+    y = np.arange(len(effects))[::-1]
+    for k, e in zip(y, effects):
+        colour = "seagreen" if e["ci_low"] > 0 else ("firebrick" if e["ci_high"] < 0 else "grey")
+        ax.errorbar(100 * e["difference"], k, xerr=[[100 * (e["difference"] - e["ci_low"])], [100 * (e["ci_high"] - e["difference"])]],
+                    fmt="o", color=colour, capsize=4)
+        ax.scatter([100 * v for v in e["per_seed"]], [k] * len(e["per_seed"]), marker="|", color=colour, s=80, alpha=0.6)
+    ax.axvline(0, color="k", lw=1, ls="--")
+    ax.set_yticks(y, names)
+    ax.set(xlabel="accuracy difference (points), 95 % interval; ticks: single seeds", title=title)
+    return ax
 
 # %% ../nbs/09_evaluation.ipynb #c015
 def bleu1(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

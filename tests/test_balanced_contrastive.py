@@ -142,3 +142,15 @@ def test_knowledge_space_errors_name_file_and_fix(tmp_path):
     save_checkpoint(tmp_path / "other.pt", step=0, config={"model": {}})
     with pytest.raises(ValueError, match="other.pt: not a chapter 04 knowledge-space checkpoint"):
         load_knowledge_spaces(tmp_path / "other.pt")
+
+
+def test_fig4_hit_rule_counts_only_the_rows_own_class():
+    from medvqa.balanced_contrastive import own_class_hits
+    # query 0: an image of classes {1 (lung), 4 (pneumonia)} matched to 1; query 1: an image of {2} matched to 3
+    rows = own_class_hits([1, 3], [{4, 1}, {2}])
+    assert rows == [(0, 1, True), (0, 4, False), (1, 2, False)]
+    # the old "any entity of the image" rule would have counted the pneumonia row as a hit
+    assert sum(hit for _, _, hit in rows) == 1
+    assert own_class_hits([], []) == []
+    with pytest.raises(ValueError, match="2 predictions for 1 queries"):
+        own_class_hits([0, 1], [{0}])

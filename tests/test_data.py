@@ -219,7 +219,7 @@ def test_generator_layout_and_splits(synthetic_dir):
     images = {s: {r.image_id for r in rs} for s, rs in splits.items()}
     assert not (images["train"] & images["test"]) and not (images["train"] & images["val"])
     scenes = json.loads((synthetic_dir / "scenes.json").read_text())
-    assert len(scenes) == 120
+    assert len(scenes) == 120 + 60  # and 60 balanced validation images (n_images // 2)
     split_of = {r.image_id: s for s, rs in splits.items() for r in rs}
     twins = [s for s in scenes if s["twin_of"] is not None]
     assert twins, "the generator must make near-duplicate twins"
@@ -229,7 +229,7 @@ def test_generator_layout_and_splits(synthetic_dir):
     kg = (synthetic_dir / "KG" / "en_disease.csv").read_text().splitlines()
     assert kg[0] == "disease#attribute#value" and all(len(line.split("#")) == 3 for line in kg)
     captions = json.loads((synthetic_dir / "captions.json").read_text())
-    assert len(captions) == 120
+    assert len(captions) == 180
 
 
 def _components(codes: np.ndarray, code: int) -> list:
@@ -296,8 +296,27 @@ def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):
 def test_synthetic_findings_are_long_tailed(tmp_path):
     folder = data.generate_synthetic(tmp_path / "s", n_images=400, seed=0)
     scenes = json.loads((folder / "scenes.json").read_text())
-    counts = pd.Series([s["lesions"][0]["finding"] for s in scenes if s["lesions"]]).value_counts()
+    counts = pd.Series([s["lesions"][0]["finding"] for s in scenes if s["lesions"] and not s.get("balanced")]).value_counts()
     assert counts.iloc[0] >= 8 * counts.iloc[-1] and len(counts) >= 8
+
+
+def test_balanced_validation_images_change_nothing_else(tmp_path):
+    plain = data.generate_synthetic(tmp_path / "plain", n_images=120, seed=5, balanced_validation=0)
+    extra = data.generate_synthetic(tmp_path / "extra", n_images=120, seed=5, balanced_validation=200)
+    for split in ("train", "test"):  # byte-identical train and test splits
+        assert (plain / f"{split}.json").read_bytes() == (extra / f"{split}.json").read_bytes()
+    scenes = json.loads((extra / "scenes.json").read_text())
+    balanced = [s for s in scenes if s.get("balanced")]
+    assert len(scenes) == 120 + 200 and len(balanced) == 200 and all(s["lesions"] for s in balanced)
+    val_ids = {r.image_id for r in load_split("synthetic", "val", root=extra)}
+    assert {str(s["image_id"]) for s in balanced} <= val_ids  # validate only
+    assert not val_ids & {r.image_id for r in load_split("synthetic", "train", root=extra)}
+    # balanced: every finding type on exactly 20 images (the training findings span a 40x range)
+    counts = pd.Series([s["lesions"][0]["finding"] for s in balanced]).value_counts()
+    assert set(counts.index) == set(data.FINDINGS) and set(counts) == {20}, counts.to_dict()
+    assert all({l["finding"] for l in s["lesions"]} == {s["lesions"][0]["finding"]} for s in balanced)
+    with pytest.raises(ValueError, match="balanced_validation"):
+        data.generate_synthetic(tmp_path / "bad", n_images=10, balanced_validation=-1)
 
 
 # ---------------------------------------------------------------- torch dataset

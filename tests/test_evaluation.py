@@ -149,12 +149,17 @@ def test_question_only_answers_learn_words_not_images():
     assert question_only_answers(_records([("a?", "Yes", "closed")] * 2), test) == ["yes", "yes"]
 
 
-def paired_loop(a, b, clusters, samples, level, seed):
-    """The cluster bootstrap of a - b written out one resample at a time."""
+def cluster_members(clusters):
+    """{cluster label: its question indices} and the sorted labels (np.unique's order)."""
     members = {}
     for q, c in enumerate(clusters):
         members.setdefault(str(c), []).append(q)
-    names = sorted(members)
+    return members, sorted(members)
+
+
+def paired_loop(a, b, clusters, samples, level, seed):
+    """The cluster bootstrap of a - b written out one resample at a time."""
+    members, names = cluster_members(clusters)
     rng = np.random.default_rng(seed)
     stats = []
     for _ in range(samples):
@@ -194,6 +199,58 @@ def test_paired_bootstrap_properties():
         paired_bootstrap([1.0, 0.0], [1.0])
     with pytest.raises(ValueError, match="cluster labels"):
         paired_bootstrap([1.0, 0.0], [1.0, 1.0], ["a"])
+
+
+def seeded_loop(a, b, clusters, samples, level, seed):
+    """The two-level bootstrap written out: per resample, the clusters and then the seeds, as drawn."""
+    members, names = cluster_members(clusters)
+    rng = np.random.default_rng(seed)
+    cluster_picks = rng.integers(0, len(names), size=(samples, len(names)))
+    seed_picks = rng.integers(0, len(a), size=(samples, len(a)))
+    stats = []
+    for r in range(samples):
+        picked = [q for k in cluster_picks[r] for q in members[names[k]]]
+        stats.append(np.mean([sum(a[s][q] - b[s][q] for q in picked) / len(picked) for s in seed_picks[r]]))
+    return np.quantile(stats, (1 - level) / 2), np.quantile(stats, 1 - (1 - level) / 2)
+
+
+@pytest.mark.parametrize("seeds, questions, per_image, seed", [(1, 30, 2, 0), (3, 45, 3, 1), (4, 61, 5, 2)])
+def test_seeded_effect_matches_a_plain_loop(seeds, questions, per_image, seed):
+    from medvqa.evaluation import seeded_effect
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 2, (seeds, questions)).astype(float), rng.integers(0, 2, (seeds, questions)).astype(float)
+    images = [f"image{q // per_image}" for q in range(questions)]
+    fast = seeded_effect(a, b, images, samples=300, level=0.9, seed=seed)
+    assert (fast["ci_low"], fast["ci_high"]) == pytest.approx(seeded_loop(a, b, images, 300, 0.9, seed), abs=1e-12)
+    assert fast["difference"] == pytest.approx(sum((a[s] - b[s]).mean() for s in range(seeds)) / seeds)
+    assert fast["per_seed"] == pytest.approx([(a[s] - b[s]).mean() for s in range(seeds)])
+    assert (fast["seeds"], fast["questions"]) == (seeds, questions)
+
+
+def test_seeded_effect_properties_and_ablation_effects():
+    from medvqa.evaluation import ablation_effects, effects_lines, paired_bootstrap, seed_summary, seeded_effect
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 2, 50).astype(float), rng.integers(0, 2, 50).astype(float)
+    images = [q // 5 for q in range(50)]
+    one, plain = seeded_effect(a, b, images, seed=3), paired_bootstrap(a, b, images, seed=3)
+    assert (one["ci_low"], one["ci_high"]) == (plain["ci_low"], plain["ci_high"])  # one seed: the paired bootstrap
+    # a component that helps on some seeds and hurts on others: seed resampling widens the interval
+    full = np.ones((3, 50))
+    mixed = np.stack([np.zeros(50), np.ones(50), np.zeros(50) + (np.arange(50) % 2)])
+    wide, pooled = seeded_effect(full, mixed, images), paired_bootstrap(full.mean(0), mixed.mean(0), images)
+    assert wide["ci_high"] - wide["ci_low"] > 2 * (pooled["ci_high"] - pooled["ci_low"])
+    assert wide["detectable"] > 0
+    effects = ablation_effects({"full": full, "w/o A": np.zeros((3, 50)), "w/o B": full}, images)
+    assert [e["comparison"] for e in effects] == ["full - w/o A", "full - w/o B"]
+    assert effects[0]["ci_low"] == 1.0 and effects[1]["difference"] == 0.0
+    lines = effects_lines(effects)
+    assert "helps" in lines[0] and "includes 0" in lines[1] and "3 seeds x 50 questions on 10 images" in lines[0]
+    summary = seed_summary({"full": full, "mixed": mixed}).set_index("variant")
+    assert summary.loc["mixed", "mean"] == pytest.approx(0.5) and summary.loc["mixed", "sd"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same seeds and questions"):
+        seeded_effect(np.ones((3, 5)), np.ones((2, 5)))
+    with pytest.raises(ValueError, match="no 'full'"):
+        ablation_effects({"base": full})
 
 
 def test_image_use_report_on_hand_made_predictions():

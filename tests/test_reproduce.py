@@ -169,6 +169,23 @@ def test_results_table_and_readme_are_generated_from_runs(tmp_path, capsys):
     assert rep.main(["results", f"x={slake}", "--readme", str(tmp_path / "bad.md")]) == 2
 
 
+def test_effects_table_lists_each_runs_ablation_effects(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    effects = [{"comparison": "full - w/o A", "difference": 0.05, "ci_low": 0.01, "ci_high": 0.09, "seeds": 3,
+                "questions": 100, "detectable": 0.06},
+               {"comparison": "full - w/o B", "difference": -0.01, "ci_low": -0.04, "ci_high": 0.02, "seeds": 3,
+                "questions": 100, "detectable": 0.042}]
+    chapters = [{"chapter": "06_difference_reconstruction", "status": "passed", "seconds": 1, "metrics": {"metrics": {"effects": effects}}},
+                {"chapter": "01_data", "status": "passed", "seconds": 1, "metrics": {"metrics": {}}}]
+    (folder / "summary.json").write_text(json.dumps({"profile": "smoke", "chapters": chapters}))
+    rows = rep.effects_table({"smoke": folder}).splitlines()[2:]
+    assert rows == ["| smoke | 06 | full - w/o A | +5.0 [+1.0, +9.0] | 3 × 100 | above 0 |",
+                    "| smoke | 06 | full - w/o B | -1.0 [-4.0, +2.0] | 3 × 100 | includes 0 (detectable ≈ 4.2) |"]
+    (folder / "summary.json").write_text(json.dumps({"profile": "smoke", "chapters": chapters[1:]}))
+    assert rep.effects_table({"smoke": folder}) == ""
+
+
 def test_readme_results_come_from_the_generator():
     """The README's results block is the output of `medvqa results` (its marker line says so), not typed."""
     text = (project_root() / "README.md").read_text()
