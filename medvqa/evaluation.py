@@ -17,8 +17,8 @@ from .data import ANSWER_TYPES, normalize_answer
 
 # %% auto #0
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
-           'bootstrap_interval', 'accuracy_table', 'paired_bootstrap', 'image_use_report', 'image_use_lines',
-           'question_scores', 'seeded_effect', 'ablation_effects', 'seed_summary', 'effect_verdict', 'effects_lines',
+           'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap', 'image_use_report',
+           'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary', 'effect_verdict', 'effects_lines',
            'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
            'question_only_answers', 'write_predictions', 'read_predictions']
 
@@ -118,62 +118,7 @@ def accuracy_table(frame: pd.DataFrame, by: Sequence[str] = (), modes: Sequence[
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_evaluation.ipynb #c013b
-def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], clusters: Sequence | None = None,
-                     samples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Mean of a - b over the same questions, with a percentile bootstrap interval resampling clusters (e.g. images)."""
-    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_bootstrap: {a.shape} and {b.shape} scores; the two systems must score the same questions")
-    if not len(a):
-        raise ValueError("paired_bootstrap: no questions")
-    if clusters is not None and len(clusters) != len(a):
-        raise ValueError(f"paired_bootstrap: {len(clusters)} cluster labels for {len(a)} questions")
-    d = a - b  # [Q]
-    labels = np.arange(len(d)) if clusters is None else np.asarray([str(c) for c in clusters])
-    _, inverse = np.unique(labels, return_inverse=True)
-    sums, sizes = np.bincount(inverse, weights=d), np.bincount(inverse)  # per cluster [C]
-    draws = np.random.default_rng(seed).integers(0, len(sums), size=(samples, len(sums)))  # [B, C] cluster indices
-    resampled = sums[draws].sum(1) / sizes[draws].sum(1)  # [B] mean difference of each resample
-    low, high = np.quantile(resampled, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"difference": float(d.mean()), "ci_low": float(low), "ci_high": float(high), "questions": len(d),
-            "clusters": len(sums), "samples": samples, "level": level}
-
-
-def image_use_report(records: Sequence, predictions: Sequence[str], question_only: Sequence[str],
-                     blank_image: Sequence[str], mode: str = "strict", samples: int = 2000, seed: int = 0) -> dict:
-    """Overall accuracy of a model, of the question-only baseline and of the model on blank images, with the paired
-    intervals of 'model - question-only' and 'model - blank image' (clusters: the questions' images)."""
-    lists = {"model": predictions, "question-only": question_only, "blank image": blank_image}
-    for name, answers in lists.items():
-        if len(answers) != len(records):
-            raise ValueError(f"image_use_report: {len(answers)} {name} answers for {len(records)} records")
-    per_question = {name: [score_answer(p, r.answer, r.answer_type, mode) for p, r in zip(answers, records)]
-                    for name, answers in lists.items()}
-    images = [r.image_id for r in records]
-    paired = {f"model - {name}": paired_bootstrap(per_question["model"], per_question[name], images, samples, seed=seed)
-              for name in ("question-only", "blank image")}
-    mean = lambda xs: float(np.mean(xs))
-    return {"overall": mean(per_question["model"]), "question_only_overall": mean(per_question["question-only"]),
-            "blank_image_overall": mean(per_question["blank image"]), "paired": paired, "mode": mode}
-
-
-def image_use_lines(report: dict, model: str) -> list[str]:
-    """One readable line per paired comparison of an `image_use_report`, with its verdict."""
-    lines = []
-    for comparison, d in report["paired"].items():
-        verdict = "above 0: the image helps" if d["ci_low"] > 0 else "includes 0: no evidence at this size"
-        lines.append(f"{model} {comparison}: {100 * d['difference']:+.1f} points, 95 % interval [{100 * d['ci_low']:+.1f}, "
-                     f"{100 * d['ci_high']:+.1f}] over {d['questions']} questions on {d['clusters']} images ({verdict})")
-    return lines
-
-# %% ../nbs/09_evaluation.ipynb #c013f
-def question_scores(records: Sequence, predictions: Sequence[str], mode: str = "strict") -> np.ndarray:
-    """Per-question scores [Q] (1 right, 0 wrong under `mode`) of predictions for records."""
-    if len(records) != len(predictions):
-        raise ValueError(f"question_scores: {len(predictions)} predictions for {len(records)} records")
-    return np.array([score_answer(p, r.answer, r.answer_type, mode) for p, r in zip(predictions, records)], dtype=float)
-
-
+# seeded_effect is the general form (several seeds, below); paired_bootstrap is its one-seed case
 def _seed_matrix(scores, name: str) -> np.ndarray:
     m = np.asarray(scores, dtype=float)
     m = m[None] if m.ndim == 1 else m
@@ -210,6 +155,55 @@ def seeded_effect(scores_full, scores_variant, clusters: Sequence | None = None,
     return {"difference": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
             "per_seed": [float(x) for x in d.mean(1)], "seeds": n_seeds, "questions": n_questions,
             "clusters": n_clusters, "detectable": float(2.8 * standard_error), "samples": samples, "level": level}
+
+
+def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], clusters: Sequence | None = None,
+                     samples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over the same questions, with a percentile bootstrap interval resampling clusters (e.g. images)."""
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap: {a.shape} and {b.shape} scores; the two systems must score the same questions")
+    if not len(a):
+        raise ValueError("paired_bootstrap: no questions")
+    if clusters is not None and len(clusters) != len(a):
+        raise ValueError(f"paired_bootstrap: {len(clusters)} cluster labels for {len(a)} questions")
+    one = seeded_effect(a, b, clusters, samples, level, seed)  # one seed: the same resampling, written once
+    return {k: one[k] for k in ("difference", "ci_low", "ci_high", "questions", "clusters", "samples", "level")}
+
+
+def image_use_report(records: Sequence, predictions: Sequence[str], question_only: Sequence[str],
+                     blank_image: Sequence[str], mode: str = "strict", samples: int = 2000, seed: int = 0) -> dict:
+    """Overall accuracy of a model, of the question-only baseline and of the model on blank images, with the paired
+    intervals of 'model - question-only' and 'model - blank image' (clusters: the questions' images)."""
+    lists = {"model": predictions, "question-only": question_only, "blank image": blank_image}
+    for name, answers in lists.items():
+        if len(answers) != len(records):
+            raise ValueError(f"image_use_report: {len(answers)} {name} answers for {len(records)} records")
+    per_question = {name: [score_answer(p, r.answer, r.answer_type, mode) for p, r in zip(answers, records)]
+                    for name, answers in lists.items()}
+    images = [r.image_id for r in records]
+    paired = {f"model - {name}": paired_bootstrap(per_question["model"], per_question[name], images, samples, seed=seed)
+              for name in ("question-only", "blank image")}
+    mean = lambda xs: float(np.mean(xs))
+    return {"overall": mean(per_question["model"]), "question_only_overall": mean(per_question["question-only"]),
+            "blank_image_overall": mean(per_question["blank image"]), "paired": paired, "mode": mode}
+
+
+def image_use_lines(report: dict, model: str) -> list[str]:
+    """One readable line per paired comparison of an `image_use_report`, with its verdict."""
+    lines = []
+    for comparison, d in report["paired"].items():
+        verdict = "above 0: the image helps" if d["ci_low"] > 0 else "includes 0: no evidence at this size"
+        lines.append(f"{model} {comparison}: {100 * d['difference']:+.1f} points, 95 % interval [{100 * d['ci_low']:+.1f}, "
+                     f"{100 * d['ci_high']:+.1f}] over {d['questions']} questions on {d['clusters']} images ({verdict})")
+    return lines
+
+# %% ../nbs/09_evaluation.ipynb #c013f
+def question_scores(records: Sequence, predictions: Sequence[str], mode: str = "strict") -> np.ndarray:
+    """Per-question scores [Q] (1 right, 0 wrong under `mode`) of predictions for records."""
+    if len(records) != len(predictions):
+        raise ValueError(f"question_scores: {len(predictions)} predictions for {len(records)} records")
+    return np.array([score_answer(p, r.answer, r.answer_type, mode) for p, r in zip(predictions, records)], dtype=float)
 
 
 def ablation_effects(scores: dict[str, object], clusters: Sequence | None = None, full: str = "full",

@@ -24,8 +24,8 @@ from .core import atomic_path, load_profile, project_root, to_builtin, write_jso
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'list_chapters', 'notebook_parameters',
            'resolve_chapters', 'chapter_parameters', 'check_overrides', 'injected_names', 'check_executed',
-           'reported_results', 'paper_value', 'ChapterRun', 'run_chapter', 'reproduce', 'write_summary', 'results_rows',
-           'results_table', 'results_reading', 'effects_table', 'update_readme', 'main']
+           'reported_results', 'paper_value', 'ChapterRun', 'run_chapter', 'reproduce', 'write_summary', 'read_summary',
+           'results_rows', 'results_table', 'results_reading', 'effects_table', 'update_readme', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -238,12 +238,17 @@ def _mevf_overall(dataset: str, reported: Sequence[dict[str, str]]) -> str:
     return found[0] if found else "—"
 
 
-def results_rows(label: str, folder: str | Path, reported: Sequence[dict[str, str]] = ()) -> list[dict[str, Any]]:
-    """One row per VQA chapter of a run folder's summary.json (its strict overall accuracy and the two baselines)."""
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """The summary.json of a run folder, or a FileNotFoundError saying how to make it."""
     path = Path(folder) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary of a run (run `medvqa reproduce ... --results {folder}` first)")
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def results_rows(label: str, folder: str | Path, reported: Sequence[dict[str, str]] = ()) -> list[dict[str, Any]]:
+    """One row per VQA chapter of a run folder's summary.json (its strict overall accuracy and the two baselines)."""
+    summary = read_summary(folder)
     rows = []
     for run in summary.get("chapters", []):
         if run.get("chapter") not in VQA_CHAPTERS:
@@ -307,10 +312,7 @@ def effects_table(runs: dict[str, str | Path]) -> str:
     """A markdown table of every chapter's seeded ablation effects (metrics 'effects') in several run folders."""
     lines = ["| run | chapter | comparison | difference, points [95 % CI] | seeds × questions | reading |", "| --- " * 6 + "|"]
     for label, folder in runs.items():
-        path = Path(folder) / "summary.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no summary of a run (run `medvqa reproduce ... --results {folder}` first)")
-        for run in json.loads(path.read_text(encoding="utf-8")).get("chapters", []):
+        for run in read_summary(folder).get("chapters", []):
             for e in run.get("metrics", {}).get("metrics", {}).get("effects", []):
                 reading = ("above 0" if e["ci_low"] > 0 else "below 0" if e["ci_high"] < 0 else
                            f"includes 0 (detectable ≈ {100 * e['detectable']:.1f})")
