@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import load_checkpoint, run_dir, save_checkpoint
+from .core import check_choice, check_range, load_checkpoint, run_dir, save_checkpoint
+from .models import model_spec
 
 # %% auto #0
-__all__ = ['SPACE_CONFIG_KEYS', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D',
-           'CosineClassifier', 'KnowledgeSpace', 'bamco_loss', 'alignment_loss', 'KnowledgePairs', 'top1_matching',
-           'own_class_hits', 'knowledge_space_file', 'save_knowledge_spaces', 'load_knowledge_spaces']
+__all__ = ['TEXT_MIXES', 'SPACE_CONFIG_KEYS', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D',
+           'CosineClassifier', 'KnowledgeSpace', 'encoders_share_space', 'bamco_loss', 'alignment_loss', 'draw_text',
+           'KnowledgePairs', 'top1_matching', 'own_class_hits', 'knowledge_space_file', 'save_knowledge_spaces',
+           'load_knowledge_spaces']
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c008
 def _check_unit(x: torch.Tensor, name: str, tol: float = 1e-3) -> None:
@@ -90,7 +92,8 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, scale: float = 30.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_dim, num_classes).uniform_(-1, 1))
+        w = torch.empty(in_dim, num_classes).uniform_(-1, 1)
+        self.weight = nn.Parameter(w / w.norm(dim=0, keepdim=True))  # unit columns at the start, as released
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +105,17 @@ def _mlp(i: int, o: int) -> nn.Sequential:
 
 
 class KnowledgeSpace(nn.Module):
-    """BaMCo's trainable parts on top of frozen features: heads, intra-class encoder, classifier, prototypes."""
+    """BaMCo's trainable parts on top of frozen features: heads, intra-class encoder, classifier, prototypes.
+    `shared=True` keeps the frozen encoders' own joint space (a CLIP's two towers): no image or text head at all."""
 
-    def __init__(self, image_dim: int, text_dim: int, num_classes: int, embed_dim: int = 512):
+    def __init__(self, image_dim: int, text_dim: int, num_classes: int, embed_dim: int = 512, shared: bool = False):
         super().__init__()
+        if shared and not image_dim == text_dim == embed_dim:
+            raise ValueError(f"a shared space needs image_dim = text_dim = embed_dim, got {image_dim}, {text_dim}, {embed_dim}: "
+                             "the two encoders must be the towers of one CLIP model")
+        self.embed_dim, self.shared = embed_dim, shared
         self.image_proj = nn.Identity() if image_dim == embed_dim else nn.Linear(image_dim, embed_dim)
-        self.text_head = _mlp(text_dim, embed_dim)
+        self.text_head = nn.Identity() if shared else _mlp(text_dim, embed_dim)
         self.intra = IntraClassEncoder3D(embed_dim)
         self.classifier = CosineClassifier(2 * embed_dim, num_classes)
         self.prototype_head = _mlp(2 * embed_dim, embed_dim)
@@ -124,6 +132,12 @@ class KnowledgeSpace(nn.Module):
         logits = self.classifier(torch.cat([f1, f2], dim=1))  # [B, C]
         prototypes = F.normalize(self.prototype_head(self.classifier.weight.T), dim=-1)  # [C, D]
         return {"image": f1, "text": f3, "intra": f2, "logits": logits, "prototypes": prototypes}
+
+
+def encoders_share_space(image_encoder: str, text_encoder: str) -> bool:
+    """Whether two registry encoders are the image and text towers of one CLIP model (one joint embedding space)."""
+    image, text = model_spec(image_encoder, "image-encoder"), model_spec(text_encoder, "text-encoder")
+    return image.hub_id is not None and image.hub_id == text.hub_id
 
 
 def bamco_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, class_counts: torch.Tensor,
@@ -144,16 +158,37 @@ def alignment_loss(image: torch.Tensor, text: torch.Tensor, temperature: float =
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c022
+TEXT_MIXES = ("uniform", "released")
+
+
+def draw_text(n_texts: int, mix: str = "uniform") -> int:
+    """Index into an entity's texts [name, relation 1 .. relation R, definition] (torch's global generator).
+    'uniform': every text alike. 'released': BaMCo's released sampler, name with p = 0.33, else a *fresh* draw
+    below 0.66 picks a relation (p = 0.67 x 0.66 = 0.44), else the definition (p = 0.23)."""
+    check_choice("text mix", mix, TEXT_MIXES)
+    if mix == "uniform" or n_texts < 3:
+        return int(torch.randint(n_texts, (1,)))
+    if float(torch.rand(())) < 0.33:
+        return 0
+    if float(torch.rand(())) < 0.66:
+        return 1 + int(torch.randint(n_texts - 2, (1,)))
+    return n_texts - 1
+
+
 class KnowledgePairs(torch.utils.data.Dataset):
-    """(image, class) pairs with precomputed frozen features, random texts and random intra-class images."""
+    """(image, class) pairs with precomputed frozen features, random texts and random intra-class images.
+    `repeat_reference`: the chance that the K intra-class images are the reference image K times (released: 0.2)."""
 
     def __init__(self, pairs: Sequence[tuple[str, int]], image_features: dict[str, torch.Tensor],
                  text_features: dict[int, torch.Tensor], class_images: dict[int, list[str]],
-                 small_images: dict[str, torch.Tensor], k: int):
+                 small_images: dict[str, torch.Tensor], k: int, text_mix: str = "uniform", repeat_reference: float = 0.0):
         if not pairs:
             raise ValueError("KnowledgePairs: no (image, class) pairs")
+        check_choice("text mix", text_mix, TEXT_MIXES)
+        check_range("repeat_reference", repeat_reference, 0.0, 1.0)
         self.pairs, self.image_features, self.text_features = list(pairs), image_features, text_features
         self.class_images, self.small_images, self.k = class_images, small_images, k
+        self.text_mix, self.repeat_reference = text_mix, repeat_reference
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -161,9 +196,12 @@ class KnowledgePairs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image_id, label = self.pairs[index]
         texts = self.text_features[label]  # [T, Dt]: name, relations, definition
-        choice = int(torch.randint(len(texts), (1,)))
+        choice = draw_text(len(texts), self.text_mix)
         pool = self.class_images[label]
-        picks = [pool[int(i)] for i in torch.randint(len(pool), (self.k,))]
+        if self.repeat_reference and float(torch.rand(())) < self.repeat_reference:
+            picks = [image_id] * self.k  # the reference image K times, as the released loader does 20 % of the time
+        else:
+            picks = [pool[int(i)] for i in torch.randint(len(pool), (self.k,))]
         volume = torch.stack([self.small_images[p] for p in picks], dim=1)  # [3, K, S, S]
         return {"image": self.image_features[image_id], "text": texts[choice], "intra": volume,
                 "label": torch.tensor(label)}
@@ -198,6 +236,7 @@ def save_knowledge_spaces(path: str | Path, spaces: dict[str, KnowledgeSpace], c
     missing = [k for k in SPACE_CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"save_knowledge_spaces: config lacks {', '.join(missing)}")
+    config = {**config, "shared_spaces": sorted(n for n, s in spaces.items() if s.shared)}  # spaces without heads
     return save_checkpoint(path, step=0, config=config, spaces={n: s.state_dict() for n, s in spaces.items()},
                            image_encoder=image_encoder_state or {})
 
@@ -215,7 +254,8 @@ def load_knowledge_spaces(path: str | Path) -> tuple[dict[str, KnowledgeSpace], 
         raise ValueError(f"{path}: not a chapter 04 knowledge-space checkpoint (it lacks {', '.join(missing)})")
     spaces = {}
     for name, weights in state["spaces"].items():
-        space = KnowledgeSpace(config["image_dim"], config["text_dim"], len(config["classes"]), config["embed_dim"])
+        space = KnowledgeSpace(config["image_dim"], config["text_dim"], len(config["classes"]), config["embed_dim"],
+                               shared=name in config.get("shared_spaces", ()))
         space.load_state_dict(weights)
         spaces[name] = space.eval()
     return spaces, state["image_encoder"], config

@@ -80,9 +80,10 @@ class PartnerSampler:
 # %% ../nbs/06_difference_reconstruction.ipynb #c014
 @torch.no_grad()
 def image_features(model: CoRegularizedModel, patches: torch.Tensor, batch_size: int = 256, center: bool = True) -> torch.Tensor:
-    """Global image vectors h_I [N, d] of the (eval-mode) image encoder; `center` subtracts their mean."""
+    """Global image vectors h_I [N, d] (on the CPU) of the (eval-mode) image encoder; `center` subtracts their mean."""
     model.eval()
-    h = torch.cat([model.image_encoder(patches[i:i + batch_size])[0] for i in range(0, len(patches), batch_size)])
+    device = next(model.parameters()).device  # every tensor goes where the model is
+    h = torch.cat([model.image_encoder(patches[i:i + batch_size].to(device))[0].cpu() for i in range(0, len(patches), batch_size)])
     return h - h.mean(0, keepdim=True) if center else h
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c020
@@ -102,8 +103,14 @@ class FineTuneData(torch.utils.data.Dataset):
         self.records = list(records)
         if not self.records:
             raise ValueError("FineTuneData: no records")
-        self.image_ids = sorted({r.image_id for r in self.records})
+        own = sorted({r.image_id for r in self.records})
+        candidates = {i: [j for j in (image_candidates or {}).get(i, []) if j != i] for i in own}
+        missing = sorted({j for c in candidates.values() for j in c} - set(images))
+        if missing:
+            raise ValueError(f"FineTuneData: candidate images {missing[:5]} are not in `images`")
+        self.image_ids = sorted(set(own) | {j for c in candidates.values() for j in c})  # own images, then partners
         at = {image_id: k for k, image_id in enumerate(self.image_ids)}
+        self.images_without_partner = [i for i in own if not candidates[i]]  # paired with themselves
         self.patches = torch.stack([patchify(images[i][None], patch)[0] for i in self.image_ids])
         self.image_of = [at[r.image_id] for r in self.records]
         self.tokens = vocab.encode([r.question for r in self.records])
@@ -113,8 +120,11 @@ class FineTuneData(torch.utils.data.Dataset):
             bad = self.records[int((self.answer < 0).nonzero()[0])]
             raise ValueError(f"FineTuneData: {int((self.answer < 0).sum())} training answers are not in the model's answer "
                              f"list, e.g. record {bad.qid} (field 'answer' = {bad.answer!r}); use the checkpoint of this dataset")
-        self.similar = PartnerSampler([[at[j] for j in (image_candidates or {}).get(i, []) if j in at] for i in self.image_ids],
-                                      "similar images", warn=bool(image_candidates))
+        self.similar = PartnerSampler([[at[j] for j in candidates.get(i, [])] for i in self.image_ids],
+                                      "similar images", warn=False)
+        if image_candidates and len(self.images_without_partner) == len(own):
+            warnings.warn(f"no similar image found for any of the {len(own)} images: every image is paired with itself "
+                          "(lower the threshold)", stacklevel=2)
         self.mixup = PartnerSampler(mixup_candidates(self.records), "mixup partners")
 
     def __len__(self) -> int:

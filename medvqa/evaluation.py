@@ -52,7 +52,8 @@ def score_answer(prediction: str, reference: str, answer_type: str, mode: str = 
         p, r = prediction.strip().lower(), reference.strip().lower()
         if kind == "closed":
             return float(p == r)
-        return float(any(piece.strip() in r or r in piece.strip() for piece in p.split(",")))
+        pieces = [piece[1:] if piece.startswith(" ") else piece for piece in p.split(",")]  # one leading space only
+        return float(any(piece in r or r in piece for piece in pieces))
     p, r = prediction.lower(), reference.lower()  # llava-med
     if kind == "closed":
         return float(("yes" in p or "no" in p) and r.strip() in p)

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import cpu_attention_kernel
+from .core import check_choice, cpu_attention_kernel
 from .models import PrefixLM, prompt_answer_tensors
 
 # %% auto #0
-__all__ = ['mfe_token_count', 'block_bounds', 'multi_scale_features', 'sequence_similarity', 'queue_distribution',
-           'text_queue_kl', 'GatedFusion', 'FusionVQA', 'fusion_loss', 'queue_texts', 'FusionData', 'cross_attention']
+__all__ = ['SEM_FORMS', 'mfe_token_count', 'block_bounds', 'multi_scale_features', 'sequence_similarity', 'queue_distribution',
+           'text_queue_kl', 'GatedFusion', 'FusionVQA', 'released_semantic_loss', 'fusion_loss', 'queue_texts',
+           'FusionData', 'cross_attention']
 
 # %% ../nbs/07_gated_fusion.ipynb #c008
 def mfe_token_count(scales: int) -> int:
@@ -50,22 +51,29 @@ def multi_scale_features(x: torch.Tensor, scales: int) -> torch.Tensor:
     return torch.cat(tokens, 1)
 
 # %% ../nbs/07_gated_fusion.ipynb #c012
-def sequence_similarity(x: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
-    """Mean over the L positions of the cosine similarity: x [B, L, D], queue [B, K, L, D] -> [B, K]."""
-    return F.cosine_similarity(x[:, None], queue, dim=-1).mean(-1)
+def sequence_similarity(x: torch.Tensor, queue: torch.Tensor, position_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine similarity over the positions that count: x [B, L, D], queue [B, K, L, D] -> [B, K].
+    `position_mask` [B, K, L] (True: both tokens real) leaves padded positions out; None counts all L."""
+    cos = F.cosine_similarity(x[:, None], queue, dim=-1)  # [B, K, L]
+    if position_mask is None:
+        return cos.mean(-1)
+    if position_mask.shape != cos.shape:
+        raise ValueError(f"position_mask must be [B, K, L] = {list(cos.shape)}, got {list(position_mask.shape)}")
+    w = position_mask.to(cos.dtype)
+    return (cos * w).sum(-1) / w.sum(-1).clamp_min(1)  # no common real position: similarity 0
 
 
 def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.Tensor | None = None,
-                       temperature: float = 0.1) -> torch.Tensor:
+                       temperature: float = 0.1, position_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 3: softmax over the K queue texts of sim(x, t_i) / tau, padded entries get 0: [B, K]."""
-    logits = sequence_similarity(x, queue) / temperature
+    logits = sequence_similarity(x, queue, position_mask) / temperature
     if queue_mask is not None:
         logits = logits.masked_fill(~queue_mask, float("-inf"))
     return logits.softmax(-1)
 
 
 def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, temperature: float = 0.1,
-                  queue_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
     if image.shape != text.shape:
         raise ValueError(f"image and text must have the same [B, L, D] shape, got {list(image.shape)} and {list(text.shape)}")
@@ -79,9 +87,9 @@ def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, 
         empty = (~queue_mask).all(1)
         if empty.any():
             raise ValueError(f"queue rows {empty.nonzero().flatten().tolist()} are all padding: every sample needs a real text")
-    p_v = queue_distribution(image, queue, queue_mask, temperature)  # Eq. 3
+    p_v = queue_distribution(image, queue, queue_mask, temperature, position_mask)  # Eq. 3
     log_p_v = torch.log(p_v.clamp_min(1e-30))
-    log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature).clamp_min(1e-30))
+    log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature, position_mask).clamp_min(1e-30))
     terms = torch.where(p_v > 0, p_v * (log_p_v - log_p_t), torch.zeros_like(p_v))  # padded entries add 0
     return terms.sum() / len(image)  # Eq. 4, batchmean
 
@@ -165,20 +173,45 @@ class FusionVQA(PrefixLM):
                                     eos_token_id=eos_token_id)
 
 
-def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperature: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 5: sem_weight * L_sem + L_nll for a batch with patches, query, text, labels and (if sem_weight) the queue."""
+SEM_FORMS = ("paper", "released")
+
+
+def released_semantic_loss(model: FusionVQA, batch: dict, temperature: float = 0.1) -> torch.Tensor:
+    """L_sem as BioD2C's released code computes it: KL(p(t) || p(v)) with p(v) from the *un-gated* visual tokens
+    Proj(X_v), p(t) and the queue from the frozen LLM's raw token embeddings (no gradient), every position and
+    every queue slot counted (padding included)."""
+    visual = model.fusion.proj(model.fusion.plain_tokens(batch["patches"]))  # [B, L, width], no fusion term
+    with torch.no_grad():
+        text = model.embed(batch["query_ids"])  # raw embeddings of the question
+        b, k, l = batch["queue_ids"].shape
+        queue = model.embed(batch["queue_ids"].flatten(0, 1)).view(b, k, l, -1)
+    p_v = queue_distribution(visual, queue, None, temperature)
+    p_t = queue_distribution(text, queue, None, temperature)
+    return (p_t * (p_t.clamp_min(1e-30).log() - p_v.clamp_min(1e-30).log())).sum() / len(visual)
+
+
+def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperature: float = 0.1,
+                sem_form: str = "paper") -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 5: sem_weight * L_sem + L_nll for a batch with patches, query, text, labels and (if sem_weight) the queue.
+    `sem_form`: 'paper' (Eq. 4: KL(p(v) || p(t)) on X_v|t and X_t, padding masked) or 'released'."""
     visual, x_t = model.visual_prefix(batch)
     nll = model.nll(visual, batch)
     parts = {"nll": nll.item(), "gate": model.fusion.gate}
     if sem_weight == 0:
         return nll, parts
+    check_choice("sem_form", sem_form, SEM_FORMS)
+    if sem_form == "released":
+        sem = released_semantic_loss(model, batch, temperature)
+        parts["sem"] = sem.item()
+        return sem_weight * sem + nll, parts
     rows = batch["queue_mask"].any(1)  # samples whose image has at least one related text
     if not rows.any():
         return nll, parts
     ids = batch["queue_ids"][rows]
     b, k, l = ids.shape
     queue = model.fusion.text_queries(model.embed(ids.flatten(0, 1))).view(b, k, l, -1)
-    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, batch["queue_mask"][rows])  # Eq. 3-4
+    real = batch["query_mask"][rows][:, None, :] & batch["queue_token_mask"][rows]  # [b, K, L]: both tokens real
+    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, batch["queue_mask"][rows], real)  # Eq. 3-4
     parts["sem"] = sem.item()
     return sem_weight * sem + nll, parts  # Eq. 5
 
@@ -212,15 +245,16 @@ class FusionData(torch.utils.data.Dataset):
                                      max_answer_tokens)
         self.text_ids, self.text_mask, self.labels = text["text_ids"], text["text_mask"], text["labels"]
         self.prompt_ids, self.prompt_mask = text["prompt_ids"], text["prompt_mask"]
-        self.queue_ids = self.queue_mask = None
+        self.queue_ids = self.queue_mask = self.queue_token_mask = None
         if queues is not None:
             per_image = {}
             for image_id in {i for i, _, _ in self.items}:
                 texts = queues.get(image_id, [])
-                ids, _ = self.fixed_length_ids(texts + [""] * (queue_size - len(texts)), tokenizer, length)
-                per_image[image_id] = (ids, torch.arange(queue_size) < len(texts))
+                ids, tokens = self.fixed_length_ids(texts + [""] * (queue_size - len(texts)), tokenizer, length)
+                per_image[image_id] = (ids, torch.arange(queue_size) < len(texts), tokens)
             self.queue_ids = torch.stack([per_image[i][0] for i, _, _ in self.items])
             self.queue_mask = torch.stack([per_image[i][1] for i, _, _ in self.items])
+            self.queue_token_mask = torch.stack([per_image[i][2] for i, _, _ in self.items])  # [N, K, L] real tokens
 
     @staticmethod
     def fixed_length_ids(texts: Sequence[str], tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,14 +276,16 @@ class FusionData(torch.utils.data.Dataset):
                 "query_mask": self.query_mask[index], "text_ids": self.text_ids[index], "text_mask": self.text_mask[index],
                 "labels": self.labels[index], "prompt_ids": self.prompt_ids[index], "prompt_mask": self.prompt_mask[index]}
         if self.queue_ids is not None:
-            item.update(queue_ids=self.queue_ids[index], queue_mask=self.queue_mask[index])
+            item.update(queue_ids=self.queue_ids[index], queue_mask=self.queue_mask[index],
+                        queue_token_mask=self.queue_token_mask[index])
         return item
 
 # %% ../nbs/07_gated_fusion.ipynb #c033
 @torch.no_grad()
 def cross_attention(fusion: GatedFusion, patches: torch.Tensor, question_embeddings: torch.Tensor,
                     question_padding: torch.Tensor) -> torch.Tensor:
-    """Attention of the last decoder layer's queries over the M multi-scale tokens: [B, L, M], averaged over heads."""
+    """Attention of the last decoder layer's queries over the M multi-scale tokens: [B, L, M] on the CPU, averaged over
+    heads; the inputs go to the fusion module's device."""
     if not fusion.fuse:
         raise ValueError("this fusion module has no decoder (fuse=False)")
     captured = {}
@@ -264,8 +300,9 @@ def cross_attention(fusion: GatedFusion, patches: torch.Tensor, question_embeddi
 
     handles = [attention.register_forward_pre_hook(ask_for_weights, with_kwargs=True), attention.register_forward_hook(keep)]
     try:
-        fusion(patches, question_embeddings, question_padding)
+        device = next(fusion.parameters()).device
+        fusion(patches.to(device), question_embeddings.to(device), question_padding.to(device))
     finally:
         for h in handles:
             h.remove()
-    return captured["weights"]
+    return captured["weights"].cpu()

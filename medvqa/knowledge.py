@@ -18,9 +18,10 @@ from .data import VQARecord, normalize_answer
 
 # %% auto #0
 __all__ = ['RELEASED_SKIPPED_TYPES', 'KG_FILES', 'DEFINITION_ATTRIBUTES', 'RRF_FIELDS', 'UMLS_SKIPPED_RELATIONS',
-           'PREFERRED_DEFINITION_SOURCES', 'mining_text', 'KnowledgeBase', 'KnowledgeFormatError', 'read_kg_file',
-           'GraphKnowledgeBase', 'read_rrf', 'UMLSKnowledgeBase', 'SciSpacyExtractor', 'VocabularyExtractor',
-           'make_extractor', 'KnowledgeItem', 'KnowledgeSet', 'mine_knowledge', 'knowledge_base_for']
+           'UMLS_REL_PHRASES', 'PREFERRED_DEFINITION_SOURCES', 'mining_text', 'KnowledgeBase', 'KnowledgeFormatError',
+           'read_kg_file', 'GraphKnowledgeBase', 'read_rrf', 'UMLSKnowledgeBase', 'SciSpacyExtractor',
+           'VocabularyExtractor', 'make_extractor', 'KnowledgeItem', 'KnowledgeSet', 'mine_knowledge',
+           'knowledge_base_for']
 
 # %% ../nbs/03_knowledge.ipynb #c008
 RELEASED_SKIPPED_TYPES = {"color", "size", "shape", "quantity", "position"}
@@ -120,6 +121,8 @@ class GraphKnowledgeBase:
 # %% ../nbs/03_knowledge.ipynb #c015
 RRF_FIELDS = {"MRCONSO.RRF": 18, "MRDEF.RRF": 8, "MRREL.RRF": 16}
 UMLS_SKIPPED_RELATIONS = {"inverse_isa", "mapped_from", "mapped_to", "inverse_was_a"}
+UMLS_REL_PHRASES = {"par": "parent of", "chd": "child of", "rb": "broader than", "rn": "narrower than",
+                    "sib": "sibling of"}  # REL read as CUI2's relation to CUI1; other codes: "related to"
 PREFERRED_DEFINITION_SOURCES = ("NCI", "MSH")
 
 
@@ -165,10 +168,10 @@ class UMLSKnowledgeBase:
         self._relations: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for f in read_rrf(folder / "MRREL.RRF"):
             cui1, rel, cui2, rela = f[0], f[3], f[4], f[7]
-            label = (rela or rel).lower()
-            if label in UMLS_SKIPPED_RELATIONS or cui2 not in self.name_of:
+            if rela.lower() in UMLS_SKIPPED_RELATIONS or cui1 not in self.name_of:
                 continue
-            self._relations[cui1].append((label.replace("_", " "), self.name_of[cui2]))
+            label = rela.lower().replace("_", " ") if rela else UMLS_REL_PHRASES.get(rel.lower(), "related to")
+            self._relations[cui2].append((label, self.name_of[cui1]))  # the row reads "CUI2 [RELA] CUI1"
 
     def vocabulary(self) -> dict[str, str]:
         return {text: self.name_of[cui] for text, cui in self.cui_of.items() if cui in self.name_of}
@@ -267,10 +270,12 @@ class KnowledgeSet:
         return sorted(keep, key=lambda h: (-len(self.images[h]), h))
 
     def table1(self) -> dict[str, int]:
-        """BaMCo Table 1: unique images, head entities, tail entities, relations, and all items."""
+        """BaMCo Table 1: unique images, head entities, tail entities, relations, unique items, and raw item rows
+        (one per mined question, duplicates kept, as the paper and the released knowledge files count them)."""
         return {"images": len({i.image_id for i in self.items} | {im for ims in self.images.values() for im in ims}),
                 "heads": len(self.images), "tails": len({i.tail for i in self.items}),
-                "relations": len({i.relation for i in self.items}), "items": len(self.items)}
+                "relations": len({i.relation for i in self.items}), "items": len(self.items),
+                "raw_items": len(self.items) + self.report.get("duplicates_removed", 0)}
 
     def save(self, path: str | Path) -> Path:
         """Write the knowledge set as JSON (format documented in the chapter)."""

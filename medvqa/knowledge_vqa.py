@@ -47,8 +47,9 @@ def pool_patches(patches: torch.Tensor, pool: int = 2) -> torch.Tensor:
 # %% ../nbs/08_knowledge_vqa.ipynb #c014
 @torch.no_grad()
 def closest_entity(space: KnowledgeSpace, image_features: torch.Tensor, name_features: torch.Tensor) -> torch.Tensor:
-    """Index of the entity whose name is closest to each image in the knowledge space: [B, D_v], [C, D_t] -> [B]."""
-    return top1_matching(space.encode_image(image_features), space.encode_text(name_features))
+    """Index of the entity whose name is closest to each image in the knowledge space: [B, D_v], [C, D_t] -> [B] (CPU)."""
+    device = next(space.parameters()).device  # every tensor goes where the model is
+    return top1_matching(space.encode_image(image_features.to(device)), space.encode_text(name_features.to(device))).cpu()
 
 
 def draw_intra_class(pool_size: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,7 +70,7 @@ class KnowledgeVQA(PrefixLM):
                  knowledge_tokens: int = 1, intra_tokens: int = 1):
         super().__init__(lm)
         width = lm.get_input_embeddings().embedding_dim
-        embed_dim = space.text_head[-1].out_features
+        embed_dim = space.embed_dim
         self.order, self.pool, self.width = parse_prefix_order(order), pool, width
         self.counts = {"knowledge": knowledge_tokens, "intra": intra_tokens}
         self.space = space.requires_grad_(False).eval()

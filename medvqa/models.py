@@ -577,7 +577,7 @@ class PrefixLM(nn.Module):
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: Any, batch_size: int = 64,
-                   max_new_tokens: int = 8) -> list[str]:
+                   max_new_tokens: int = 32) -> list[str]:
     """The first line of each greedy answer of a model whose `generate(batch, max_new_tokens, eos_token_id)` returns new ids."""
     model.eval()
     device = next(model.parameters()).device
@@ -593,18 +593,18 @@ def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: 
 def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_epochs: int = 3, seed: int = 0,
                   device: str = "auto", extra_vocabulary: Sequence[str] = (), width: int = 128) -> tuple[nn.Module, Any, str]:
     """(frozen LM on the device, tokenizer, a note): 'tiny-llama' (`width` wide) is built over `texts` and pre-trained
-    on them (its run in `folder`, started afresh); any other registry name is loaded pre-trained."""
+    on them (its run in a folder under `folder` named by its settings, so a re-run resumes it); any other registry
+    name is loaded pre-trained."""
     if name == "tiny-llama":
-        from medvqa.training import TrainConfig, fit
+        from medvqa.training import TrainConfig, fit, run_folder
         if not texts:
             raise ValueError("causal_lm_for('tiny-llama'): no texts to build and pre-train it on")
         tokenizer = CompactTokenizer(list(texts) + list(extra_vocabulary))
         seed_everything(seed)
         lm = tiny_llama(len(tokenizer), width=width)
-        shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time
-        run = fit(lm, lambda m, b: m(**b).loss, LanguageModelData(texts, tokenizer),
-                  TrainConfig(epochs=pretrain_epochs, batch_size=64, lr=3e-3, seed=seed, device=device, checkpoint_every=10_000),
-                  run_dir=folder)
+        cfg = TrainConfig(epochs=pretrain_epochs, batch_size=64, lr=3e-3, seed=seed, device=device, checkpoint_every=10_000)
+        run = fit(lm, lambda m, b: m(**b).loss, LanguageModelData(texts, tokenizer), cfg,
+                  run_dir=run_folder(folder, "tiny-llama", cfg, lm, texts=list(texts), vocabulary=list(extra_vocabulary)))
         note = f"pre-trained here: loss {run.history[0]['loss']:.2f} -> {run.history[-1]['loss']:.2f} in {run.seconds:.0f} s"
     else:
         lm, tokenizer = load_causal_lm(name)

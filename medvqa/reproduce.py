@@ -23,9 +23,10 @@ from .core import atomic_path, load_profile, project_root, to_builtin, write_jso
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'list_chapters', 'notebook_parameters',
-           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'injected_names', 'check_executed',
-           'reported_results', 'paper_value', 'ChapterRun', 'run_chapter', 'reproduce', 'write_summary', 'read_summary',
-           'results_rows', 'results_table', 'results_reading', 'effects_table', 'update_readme', 'main']
+           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks',
+           'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun',
+           'run_chapter', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
+           'results_reading', 'effects_table', 'update_readme', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -75,6 +76,69 @@ def check_overrides(overrides: dict[str, Any], declared: dict[str, dict[str, Any
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for chapters {', '.join(declared)}; "
                          f"valid names: {', '.join(known)}")
+
+# %% ../nbs/90_reproduce.ipynb #c008b
+def parameter_types(path: str | Path) -> dict[str, str]:
+    """{name: type of the default} ('int', 'float', 'bool', 'str' or 'None') of the notebook's parameters cell."""
+    import papermill
+    return {name: spec["inferred_type_name"] for name, spec in papermill.inspect_notebook(str(path)).items()}
+
+
+def declared_checks(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The chapter's literal `check_range("x", x, low, high)` / `check_choice("x", x, (...))` calls, by parameter."""
+    import nbformat
+    checks: dict[str, dict[str, Any]] = {}
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) >= 3
+                    and node.func.id in ("check_range", "check_choice") and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[1], ast.Name) and node.args[1].id == node.args[0].value):
+                continue  # only checks of a parameter itself, by its own name
+            try:
+                literal = [ast.literal_eval(a) for a in node.args[2:]]
+            except ValueError:
+                continue  # bounds computed at run time: the chapter checks those itself
+            if node.func.id == "check_choice":
+                checks[node.args[1].id] = {"choices": tuple(literal[0])}
+            else:
+                inclusive = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "high_inclusive"), True)
+                checks[node.args[1].id] = {"low": literal[0], "high": literal[1], "high_inclusive": inclusive}
+    return checks
+
+
+def check_values(chapter: str, values: dict[str, Any], types: dict[str, str], checks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`values` with numbers turned into text for `str` parameters; a ValueError lists every value of the wrong type
+    or outside the chapter's declared range or choices (parameter, value, what is expected)."""
+    out, problems = dict(values), []
+    for name, value in values.items():
+        kind = types.get(name, "None")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "str" and is_number:
+            value = out[name] = str(value)
+        wrong_type = ((kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)))
+                      or (kind == "float" and not is_number) or (kind == "bool" and not isinstance(value, bool))
+                      or (kind == "str" and not isinstance(value, str)))
+        if wrong_type:
+            problems.append(f"{name}={value!r} ({type(value).__name__}): expected {'a number' if kind == 'float' else kind}")
+            continue
+        check = checks.get(name)
+        if check and "choices" in check and value not in check["choices"]:
+            problems.append(f"{name}={value!r}: expected one of {', '.join(map(repr, check['choices']))}")
+        elif check and "low" in check:
+            high_ok = value <= check["high"] if check["high_inclusive"] else value < check["high"]
+            if not (check["low"] <= value and high_ok):
+                problems.append(f"{name}={value!r}: expected a value in [{check['low']}, {check['high']}"
+                                f"{']' if check['high_inclusive'] else ')'}")
+    if problems:
+        raise ValueError(f"chapter {chapter}: " + "; ".join(problems))
+    return out
 
 # %% ../nbs/90_reproduce.ipynb #c011
 def injected_names(notebook: Any) -> list[str] | None:
@@ -171,13 +235,20 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     names = resolve_chapters(chapters, list_chapters(nbs_dir))
     declared = {name: notebook_parameters(nbs_dir / f"{name}.ipynb") for name in names}
     check_overrides(overrides, declared)
+    values_of = {}  # every chapter's values are checked before the first one runs
+    for name in names:
+        path = nbs_dir / f"{name}.ipynb"
+        values = chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json"))
+        values_of[name] = check_values(name, values, parameter_types(path), declared_checks(path))
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     bar = tqdm(names, desc=f"reproduce ({profile})", unit="chapter")
     for name in bar:
         bar.set_postfix(chapter=name)
-        values = chapter_parameters(declared[name], profile_values, overrides, out_dir / f"{name}.metrics.json")
+        values = dict(values_of[name])
+        if "metrics_path" in declared[name]:
+            values["metrics_path"] = str(out_dir / f"{name}.metrics.json")
         runs.append(run_chapter(nbs_dir / f"{name}.ipynb", out_dir, values, declared[name], kernel, timeout))
         write_summary(runs, out_dir, profile)
     return runs

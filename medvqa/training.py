@@ -5,6 +5,8 @@
 # %% ../nbs/00a_training.ipynb #c003
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .core import load_checkpoint, pick_device, save_checkpoint, set_rng_state
+from .core import load_checkpoint, pick_device, save_checkpoint, set_rng_state, to_builtin
 
 # %% auto #0
-__all__ = ['LossFn', 'TrainConfig', 'EpochShuffle', 'TrainResult', 'fit']
+__all__ = ['LossFn', 'TrainConfig', 'EpochShuffle', 'TrainResult', 'fit', 'weights_fingerprint', 'run_folder']
 
 # %% ../nbs/00a_training.ipynb #c008
 @dataclass
@@ -168,3 +170,24 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
     bar.close()
     model.eval()
     return TrainResult(step, True, history, time.perf_counter() - start, resumed_from)
+
+# %% ../nbs/00a_training.ipynb #c018b
+def weights_fingerprint(model: torch.nn.Module, max_values: int = 65_536) -> str:
+    """A short hash of a model's state: every name, shape and dtype, and its values (evenly subsampled above `max_values`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        values = flat[:: max(1, flat.numel() // max_values)].to("cpu", torch.float64 if tensor.is_floating_point() else torch.int64)
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_folder(base: str | Path, name: str, config: TrainConfig, model: torch.nn.Module, **settings: Any) -> Path:
+    """`base/<name>-<hash>`: the folder of one training run, named by its train config, starting weights and `settings`."""
+    tensors = lambda t: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(t.shape))
+    settings = {k: tensors(v) if isinstance(v, torch.Tensor) else v for k, v in settings.items()}  # big tensors: a digest
+    key = json.dumps({"train": config.resume_key(), "weights": weights_fingerprint(model), "settings": to_builtin(settings)},
+                     sort_keys=True, default=str)
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return Path(base) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

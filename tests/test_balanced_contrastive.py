@@ -132,6 +132,24 @@ def test_knowledge_spaces_round_trip(tmp_path):
     assert not loaded["BaMCo"].training
 
 
+def test_shared_space_is_the_encoders_own_and_survives_a_round_trip(tmp_path):
+    from medvqa.balanced_contrastive import encoders_share_space, load_knowledge_spaces, save_knowledge_spaces
+    assert encoders_share_space("biomedclip", "biomedclip-text")  # BiomedCLIP's two towers
+    assert not encoders_share_space("small-cnn-ssl", "minilm") and not encoders_share_space("biomedclip", "minilm")
+    torch.manual_seed(0)
+    shared = KnowledgeSpace(4, 4, 2, 4, shared=True).eval()
+    image, text = torch.randn(3, 4), torch.randn(5, 4)
+    with torch.no_grad():  # no head: cosine geometry of the frozen features themselves
+        assert torch.allclose(shared.encode_image(image), F.normalize(image, dim=-1))
+        assert torch.allclose(shared.encode_text(text), F.normalize(text, dim=-1))
+    config = {**_config(), "image_dim": 4, "text_dim": 4, "embed_dim": 4}
+    path = save_knowledge_spaces(tmp_path / "k.pt", {"baseline": shared, "BaMCo": KnowledgeSpace(4, 4, 2, 4)}, config)
+    loaded, _, saved = load_knowledge_spaces(path)
+    assert saved["shared_spaces"] == ["baseline"] and loaded["baseline"].shared and not loaded["BaMCo"].shared
+    with pytest.raises(ValueError, match="towers of one CLIP"):
+        KnowledgeSpace(6, 5, 2, 4, shared=True)
+
+
 def test_knowledge_space_errors_name_file_and_fix(tmp_path):
     from medvqa.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
     from medvqa.core import save_checkpoint
@@ -154,3 +172,39 @@ def test_fig4_hit_rule_counts_only_the_rows_own_class():
     assert own_class_hits([], []) == []
     with pytest.raises(ValueError, match="2 predictions for 1 queries"):
         own_class_hits([0, 1], [{0}])
+
+
+def test_released_text_mix_has_the_released_shares():
+    from medvqa.balanced_contrastive import draw_text
+    torch.manual_seed(0)
+    n, draws = 8, 20_000  # name, six relations, definition
+    picks = torch.tensor([draw_text(n, "released") for _ in range(draws)])
+    name, definition = (picks == 0).float().mean().item(), (picks == n - 1).float().mean().item()
+    relation = ((picks > 0) & (picks < n - 1)).float().mean().item()
+    # two separate draws: 0.33, then 0.67 x 0.66 and 0.67 x 0.34 (4 standard errors at 20,000 draws is about 0.013)
+    assert abs(name - 0.33) < 0.013 and abs(relation - 0.67 * 0.66) < 0.013 and abs(definition - 0.67 * 0.34) < 0.013
+    uniform = torch.tensor([draw_text(n, "uniform") for _ in range(draws)])
+    assert torch.bincount(uniform, minlength=n).min() > draws / n * 0.9
+    assert {draw_text(2, "released") for _ in range(50)} == {0, 1}  # no relation: name or definition
+    with pytest.raises(ValueError, match="text mix"):
+        draw_text(3, "paper")
+
+
+def test_repeat_reference_fills_the_volume_with_the_reference_image():
+    from medvqa.balanced_contrastive import KnowledgePairs
+    small = {i: torch.full((3, 4, 4), float(k)) for k, i in enumerate("abc")}
+    args = ([("a", 0)], {"a": torch.zeros(6)}, {0: torch.zeros(3, 5)}, {0: ["b", "c"]}, small, 5)
+    torch.manual_seed(0)
+    always = KnowledgePairs(*args, repeat_reference=1.0)[0]["intra"]  # [3, K, S, S]
+    assert always.shape == (3, 5, 4, 4) and (always == 0.0).all()  # five copies of "a"
+    never = KnowledgePairs(*args, repeat_reference=0.0)[0]["intra"]
+    assert set(never[0, :, 0, 0].tolist()) <= {1.0, 2.0}  # drawn from the class pool ("b", "c")
+    with pytest.raises(ValueError, match="repeat_reference"):
+        KnowledgePairs(*args, repeat_reference=1.5)
+
+
+def test_cosine_classifier_starts_with_unit_columns():
+    from medvqa.balanced_contrastive import CosineClassifier
+    torch.manual_seed(0)
+    w = CosineClassifier(12, 5).weight
+    assert torch.allclose(w.norm(dim=0), torch.ones(5), atol=1e-6)

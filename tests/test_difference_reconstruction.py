@@ -146,6 +146,21 @@ def test_finetune_data_partners_and_fields():
         FineTuneData(bad, images, vocab, answers, 8)
 
 
+def test_partners_come_from_all_training_images_not_only_the_subset():
+    _, vocab, answers, records, images = tiny_setup()
+    subset = [r for r in records if r.image_id in ("0", "2")]  # image 0's only candidate (1) is outside the subset
+    data = FineTuneData(subset, images, vocab, answers, 8, {"0": ["1"], "1": ["0"], "2": []})
+    assert data.images_without_partner == ["2"]  # the true count: 0 keeps its partner, 2 has none
+    torch.manual_seed(0)
+    for i, r in enumerate(subset):
+        expected = images["1"] if r.image_id == "0" else images["2"]
+        assert torch.equal(data[i]["partner_patches"], patchify(expected[None], 8)[0])
+    with pytest.raises(ValueError, match="not in `images`"):
+        FineTuneData(subset, images, vocab, answers, 8, {"0": ["missing"]})
+    with pytest.warns(UserWarning, match="no similar image"):
+        FineTuneData(subset, images, vocab, answers, 8, {"0": [], "2": []})
+
+
 def test_mixup_with_lambda_one_equals_plain_loss_and_switches():
     model, vocab, answers, records, images = tiny_setup()
     data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]})

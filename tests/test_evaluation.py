@@ -31,6 +31,34 @@ def test_scoring_modes_on_hand_made_cases(prediction, reference, answer_type, ex
         assert score_answer(prediction, reference, answer_type, mode) == value, mode
 
 
+def released_bamco_open(prediction: str, reference: str) -> bool:
+    """BaMCo's released open-answer rule as a plain loop: trim and lower-case both, split the prediction at commas,
+    drop at most one leading space of each piece (a piece's other spaces stay), then containment either way."""
+    pred, ref = prediction.strip().lower(), reference.strip().lower()
+    for piece in pred.split(","):
+        if len(piece) > 0 and piece[0] == " ":
+            piece = piece[1:]
+        if piece in ref or ref in piece:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("effusion , left", "pleural effusion"), ("effusion, left", "pleural effusion"), ("  effusion", "pleural effusion"),
+    ("kidney,", "liver"), (",", "liver"), ("liver ,spleen", "spleen"), ("liver,  spleen", "spleen"),
+    ("left lung, right", "left lung"), ("Pleural Effusion ", "pleural effusion"), ("lung", "left lung"), ("x", "y"),
+])
+def test_bamco_open_rule_is_the_released_loop(prediction, reference):
+    assert score_answer(prediction, reference, "open", "bamco") == float(released_bamco_open(prediction, reference))
+
+
+def test_bamco_open_rule_quirks():
+    assert score_answer("effusion , left", "pleural effusion", "open", "bamco") == 0.0  # "effusion " keeps its space
+    assert score_answer("effusion, left", "pleural effusion", "open", "bamco") == 1.0
+    assert score_answer("liver,  spleen", "spleen tip", "open", "bamco") == 0.0  # only one leading space goes
+    assert score_answer("kidney,", "liver", "open", "bamco") == 1.0  # trailing comma: the empty piece matches
+
+
 def test_bamco_decides_open_or_closed_by_the_reference():
     assert question_kind("yes", "open", "bamco") == "closed"  # a yes/no reference is closed whatever the dataset says
     assert question_kind("left", "closed", "bamco") == "open"

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from lm_helpers import CharTokenizer, char_ids, tiny_lm
 from medvqa.gated_fusion import (FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss,
-                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, text_queue_kl)
+                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, sequence_similarity,
+                                 text_queue_kl)
 
 
 @pytest.mark.parametrize("scales, m", [(1, 1), (2, 5), (3, 21), (6, 1365)])
@@ -48,15 +49,20 @@ def test_mfe_bad_input():
         multi_scale_features(torch.randn(1, 4, 5, 2), 2)
 
 
-def kl_loop(image, text, queue, tau, mask=None):
+def similarity_loop(x, queue, b, k, positions=None):
+    """Mean cosine over the positions that count (all of them when `positions` is None), one pair at a time."""
+    ls = [l for l in range(x.shape[1]) if positions is None or positions[b, k, l]]
+    return sum(float(F.cosine_similarity(x[b, l], queue[b, k, l], dim=0)) for l in ls) / len(ls) if ls else 0.0
+
+
+def kl_loop(image, text, queue, tau, mask=None, positions=None):
     """Eq. 3-4 with plain loops."""
     B, K = queue.shape[:2]
     total = 0.0
     for b in range(B):
         real = [k for k in range(K) if mask is None or mask[b, k]]
         def sims(x):
-            return [sum(float(F.cosine_similarity(x[b, l], queue[b, k, l], dim=0)) for l in range(x.shape[1])) / x.shape[1] / tau
-                    for k in real]
+            return [similarity_loop(x, queue, b, k, positions) / tau for k in real]
         sv, st = sims(image), sims(text)
         zv, zt = math.log(sum(math.exp(v) for v in sv)), math.log(sum(math.exp(v) for v in st))
         total += sum(math.exp(v - zv) * ((v - zv) - (t - zt)) for v, t in zip(sv, st))
@@ -71,6 +77,32 @@ def test_text_queue_kl_matches_loop(use_mask):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool) if use_mask else None
     for tau in (0.1, 1.0):
         assert abs(text_queue_kl(image, text, queue, tau, mask).item() - kl_loop(image, text, queue, tau, mask)) < 1e-8
+
+
+def test_padded_positions_do_not_count_in_the_similarity():
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    queue = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    question_real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    text_real = torch.tensor([[[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]],
+                              [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]], dtype=torch.bool)
+    positions = question_real[:, None, :] & text_real
+    sims = sequence_similarity(image, queue, positions)
+    for b in range(2):
+        for k in range(3):
+            assert abs(sims[b, k].item() - similarity_loop(image, queue, b, k, positions)) < 1e-10
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    got = text_queue_kl(image, text, queue, 0.1, mask, positions).item()
+    assert abs(got - kl_loop(image, text, queue, 0.1, mask, positions)) < 1e-8
+    # what sits at a padded position changes nothing (two pad embeddings would otherwise agree perfectly)
+    other = queue.clone()
+    other[~positions] = 1.0
+    image_other = image.clone()
+    image_other[~question_real] = 1.0
+    assert torch.allclose(sequence_similarity(image_other, other, positions), sims)
+    assert not torch.allclose(sequence_similarity(image_other, other), sequence_similarity(image, queue))
+    with pytest.raises(ValueError, match="position_mask must be"):
+        sequence_similarity(image, queue, positions[:, :2])
 
 
 def test_text_queue_kl_properties_and_padding():
@@ -164,6 +196,8 @@ def test_fusion_data_layout():
     assert row["prompt_ids"][-len(prompt):].tolist() == prompt
     assert row["query_ids"].tolist() == char_ids("wher") and row["query_mask"].all()  # cut to L = 4
     assert row["queue_mask"].tolist() == [True, False, False] and data[0]["queue_mask"].tolist() == [True, True, False]
+    # real tokens of each queue text ("ct" has 2 characters, "liver" is cut to L = 4; an empty slot keeps one token)
+    assert data[0]["queue_token_mask"].sum(1).tolist() == [2, 4, 1]
 
 
 def test_nll_only_scores_answer_tokens_and_matches_full_logits():
@@ -230,3 +264,25 @@ def test_fusion_decoder_ends_in_a_layer_norm():
     torch.testing.assert_close(x_vt.mean(-1), torch.zeros(3, 4), atol=1e-4, rtol=0)
     torch.testing.assert_close(x_vt.std(-1, unbiased=False), torch.ones(3, 4), atol=1e-2, rtol=0)
     assert all(layer.dropout.p == 0.0 for layer in fusion.decoder.layers)
+
+
+def test_released_semantic_loss_is_kl_of_text_to_ungated_image_on_raw_embeddings():
+    from medvqa.gated_fusion import released_semantic_loss
+    lm, data = tiny_lm(), tiny_data()
+    fusion = GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8)
+    model = FusionVQA(lm, fusion).eval()
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    emb = lm.get_input_embeddings()
+    with torch.no_grad():
+        plain = fusion.proj(fusion.plain_tokens(batch["patches"]))  # no gate, no decoder
+        queue = emb(batch["queue_ids"])  # [B, K, L, width], raw
+        def p(x):  # mean cosine over every position, softmax over every queue slot (padding included)
+            cos = F.cosine_similarity(x[:, None], queue, dim=-1).mean(-1)
+            return (cos / 0.1).softmax(-1)
+        expected = F.kl_div(p(plain).log(), p(emb(batch["query_ids"])), reduction="batchmean")  # KL(p_t || p_v)
+        got = released_semantic_loss(model, batch, 0.1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    loss, parts = fusion_loss(model, batch, 1.0, 0.1, "released")
+    assert abs(parts["sem"] - got.item()) < 1e-5
+    with pytest.raises(ValueError, match="sem_form"):
+        fusion_loss(model, batch, 1.0, 0.1, "other")

@@ -67,9 +67,12 @@ def write_umls(folder: Path, extra_rel: str = ""):
         "C0023884|A2|AT2||NCI|a large glandular organ (NCI wording)|N||",
     ]
     relations = [  # CUI1|AUI1|STYPE1|REL|CUI2|AUI2|STYPE2|RELA|RUI|SRUI|SAB|SL|RG|DIR|SUPPRESS|CVF|
-        "C0023884|A2|AUI|PAR|C0012238|A4|AUI|part_of|R1||MSH|MSH|||N||",
-        "C0023884|A2|AUI|RO|C0016658|A3|AUI|mapped_to|R2||MSH|MSH|||N||",
-        "C0023884|A2|AUI|RO|C9999999|A8|AUI|associated_with|R3||MSH|MSH|||N||",
+        # REL / RELA are the relation of CUI2 to CUI1 (UMLS Reference Manual): read each row from right to left
+        "C0012238|A4|AUI|CHD|C0023884|A2|AUI|part_of|R1||MSH|MSH|||N||",  # liver part_of digestive system
+        "C0023884|A2|AUI|PAR|C0012238|A4|AUI|has_part|R5||MSH|MSH|||N||",  # digestive system has_part liver
+        "C0023884|A2|AUI|RO|C0016658|A3|AUI|mapped_to|R2||MSH|MSH|||N||",  # bookkeeping: dropped
+        "C9999999|A8|AUI|RO|C0023884|A2|AUI|associated_with|R3||MSH|MSH|||N||",  # CUI1 has no name: dropped
+        "C0023884|A2|AUI|RO|C0016658|A3|AUI||R6||MSH|MSH|||N||",  # no RELA: fracture related to liver
     ]
     (folder / "MRCONSO.RRF").write_text("\n".join(conso) + "\n")
     (folder / "MRDEF.RRF").write_text("\n".join(definitions) + "\n")
@@ -82,11 +85,13 @@ def test_umls_backend(tmp_path):
     assert kb.vocabulary()["liver structure"] == "Liver" and "foie" not in kb.vocabulary()
     assert kb.definition("LIVER") == "a large glandular organ (NCI wording)"  # NCI preferred over CSP
     assert kb.relations("liver structure") == [("part of", "Digestive System")]  # mapped_to and unknown CUIs dropped
+    assert kb.relations("digestive system") == [("has part", "Liver")]  # the inverse row, read the same way
+    assert kb.relations("fracture") == [("related to", "Liver")]  # REL phrase when RELA is empty
     assert kb.definition("Fracture") is None and kb.relations("unknown") == []
 
 
 def test_umls_wrong_field_count(tmp_path):
-    with pytest.raises(K.KnowledgeFormatError, match=r"MRREL.RRF, line 4: expected 16 '\|'-separated fields, found 3"):
+    with pytest.raises(K.KnowledgeFormatError, match=r"MRREL.RRF, line 6: expected 16 '\|'-separated fields, found 3"):
         K.UMLSKnowledgeBase(write_umls(tmp_path / "u", extra_rel="C1|A|B|"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="MRCONSO.RRF, MRDEF.RRF, MRREL.RRF"):
@@ -114,7 +119,7 @@ def test_mining_deduplicates_and_reports(tmp_path):
     assert ks.images == {"Liver": ["a"], "Liver Cancer": ["b"]}
     assert ks.report["duplicates_removed"] == 2 and ks.report["removed_empty_or_self_tail"] == 1
     assert ks.report["entities_without_definition"] == {"Spleen": 1} and ks.report["mined_texts"] == 4
-    assert ks.table1() == {"images": 2, "heads": 2, "tails": 3, "relations": 3, "items": 3}
+    assert ks.table1() == {"images": 2, "heads": 2, "tails": 3, "relations": 3, "items": 3, "raw_items": 5}
     assert ks.classes() == ["Liver", "Liver Cancer"]
     back = K.KnowledgeSet.load(ks.save(tmp_path / "k.json"))
     assert back.items == ks.items and back.images == ks.images
@@ -124,7 +129,7 @@ def test_table1_on_the_shared_slake_copy(shared_data):
     """Pinned after checking by hand: SLAKE train (English), SLAKE's KG, the offline vocabulary extractor."""
     kb = K.knowledge_base_for("slake")
     ks = K.mine_knowledge(load_split("slake", "train"), kb, K.VocabularyExtractor(kb.vocabulary()), progress=False)
-    assert ks.table1() == {"images": 318, "heads": 19, "tails": 66, "relations": 15, "items": 1891}
+    assert ks.table1() == {"images": 318, "heads": 19, "tails": 66, "relations": 15, "items": 1891, "raw_items": 3228}
     assert "Lung Cancer" in ks.images and ks.definitions["Lung Cancer"]
 
 

@@ -1,5 +1,6 @@
 """Tests of the reproduction runner: parameter checks, failing chapters, summary with paper numbers."""
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -66,6 +67,52 @@ def test_misspelled_override_is_an_error(project):
                       results_dir=project / "out", profile_values={"profile": "smoke"})
 
 
+def test_bad_values_fail_before_any_chapter_runs(tmp_path, capsys):
+    # a negative epoch count and text for an int: both named with their value and what is expected, in seconds
+    with pytest.raises(ValueError, match=r"04_balanced_contrastive: knowledge_epochs=-3: expected a value in \[1, 10000\]"):
+        rep.reproduce("smoke", chapters=["01", "04"], overrides={"knowledge_epochs": -3}, results_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # chapter 01 did not run either
+    code = rep.main(["reproduce", "--chapters", "04", "-p", "knowledge_epochs", "abc", "--results", str(tmp_path / "o")])
+    assert code == 2 and "knowledge_epochs='abc' (str): expected int" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"dataset='mimic': expected one of 'synthetic', 'slake'"):
+        rep.reproduce("smoke", chapters=["04"], overrides={"dataset": "mimic"}, results_dir=tmp_path / "out")
+
+
+def test_check_values_types_ranges_and_choices():
+    types = {"n": "int", "lr": "float", "flag": "bool", "name": "str", "any": "None"}
+    checks = {"n": {"low": 1, "high": 10, "high_inclusive": True}, "lr": {"low": 0.0, "high": 1.0, "high_inclusive": False},
+              "name": {"choices": ("a", "b", "3")}}
+    assert rep.check_values("c", {"n": 10, "lr": 0, "flag": False, "name": 3, "any": [1]}, types, checks) == \
+        {"n": 10, "lr": 0, "flag": False, "name": "3", "any": [1]}  # a number given for a str parameter becomes text
+    for bad, message in [({"n": 11}, "n=11: expected a value in [1, 10]"), ({"n": 2.5}, "n=2.5 (float): expected int"),
+                         ({"n": True}, "n=True (bool): expected int"), ({"lr": 1.0}, "lr=1.0: expected a value in [0.0, 1.0)"),
+                         ({"lr": "2e-05"}, "lr='2e-05' (str): expected a number"), ({"flag": "yes"}, "expected bool"),
+                         ({"name": "c"}, "name='c': expected one of 'a', 'b', '3'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            rep.check_values("c", bad, types, checks)
+
+
+def test_declared_checks_read_literal_calls_only(tmp_path):
+    path = tmp_path / "01_x.ipynb"
+    _chapter(path, 'check_range("steps", steps, 1, 50)\ncheck_choice("profile", profile, ("smoke", "cpu"))\n'
+                   'check_range("other", steps, 0, 9)\ncheck_range("steps2", steps2, 0, limit)\n'
+                   'check_range("rate", rate, 0.0, 1.0, high_inclusive=False)\n%matplotlib inline')
+    assert rep.declared_checks(path) == {"steps": {"low": 1, "high": 50, "high_inclusive": True},
+                                         "profile": {"choices": ("smoke", "cpu")},
+                                         "rate": {"low": 0.0, "high": 1.0, "high_inclusive": False}}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_passes_every_chapters_checks_and_every_number_has_a_range(profile):
+    values_of_profile = load_profile(profile)
+    for name in rep.list_chapters():
+        path = project_root() / "nbs" / f"{name}.ipynb"
+        declared, types, checks = rep.notebook_parameters(path), rep.parameter_types(path), rep.declared_checks(path)
+        rep.check_values(name, rep.chapter_parameters(declared, values_of_profile, {}, Path("m.json")), types, checks)
+        unranged = [k for k, t in types.items() if t in ("int", "float") and k != "seed" and k not in checks]
+        assert not unranged, f"{name}: numeric parameters without a declared check_range: {unranged}"
+
+
 def test_check_executed_flags_unknown_injected_names(tmp_path):
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("steps = 3\nstepz = 4")
@@ -117,10 +164,10 @@ def test_reported_results_table_is_well_formed():
 
 def test_summary_names_the_scoring_rule_of_a_result(tmp_path):
     result = {"paper": "BioD2C", "dataset": "slake", "metric": "open_accuracy", "value": 55.9, "paper_model": "BioD2C"}
-    metrics = {"chapter": "09_evaluation", "results": [{**result, "mode": "bamco"}, {**result, "value": 53.1}]}
+    metrics = {"chapter": "09_evaluation", "results": [{**result, "mode": "llava-med"}, {**result, "value": 53.1}]}
     run = rep.ChapterRun("09_evaluation", "passed", 1.0, "x.ipynb", metrics=metrics)
     summary = rep.write_summary([run], tmp_path, "cpu").read_text()
-    assert "| 09_evaluation | BioD2C | slake | open_accuracy (bamco rule) | 55.9 | 74.2 (BioD2C, Table 1) |" in summary
+    assert "| 09_evaluation | BioD2C | slake | open_accuracy (llava-med rule) | 55.9 | 74.2 (BioD2C, Table 1) |" in summary
     assert "| 09_evaluation | BioD2C | slake | open_accuracy | 53.1 | 74.2 (BioD2C, Table 1) |" in summary
 
 

@@ -112,3 +112,43 @@ def test_loss_fn_may_return_extra_logs_and_eval_runs_each_epoch():
                  eval_fn=lambda m: {"score": 1.0})
     assert all(r["half"] == 0.5 for r in result.history if "loss" in r)
     assert [r["epoch"] for r in result.history if "eval_score" in r] == [0, 1, 2]
+
+
+def test_run_folder_names_a_run_by_everything_that_decides_it(tmp_path):
+    from medvqa.training import run_folder
+    folder = run_folder(tmp_path, "w/o mixup", CFG, _model(0), questions=["q1", "q2"], weight=0.5)
+    assert folder.parent == tmp_path and folder.name.startswith("w_o_mixup-")
+    assert folder == run_folder(tmp_path, "w/o mixup", replace(CFG, progress=True, device="cuda"), _model(0),
+                                questions=["q1", "q2"], weight=0.5)  # neither progress bars nor devices change a run
+    variants = [run_folder(tmp_path, "w/o mixup", CFG, _model(1), questions=["q1", "q2"], weight=0.5),
+                run_folder(tmp_path, "w/o mixup", replace(CFG, epochs=4), _model(0), questions=["q1", "q2"], weight=0.5),
+                run_folder(tmp_path, "w/o mixup", CFG, _model(0), questions=["q1"], weight=0.5),
+                run_folder(tmp_path, "w/o mixup", CFG, _model(0), questions=["q1", "q2"], weight=0.25),
+                run_folder(tmp_path, "full", CFG, _model(0), questions=["q1", "q2"], weight=0.5)]
+    assert len({folder, *variants}) == 6
+
+
+def test_a_rerun_in_its_run_folder_resumes_instead_of_starting_over(tmp_path):
+    from medvqa.training import run_folder
+    whole = fit(_model(0), _mse, _data(), CFG, run_dir=tmp_path / "whole")
+    folder = run_folder(tmp_path, "variant", CFG, _model(0), questions=40)
+    part = fit(_model(0), _mse, _data(), replace(CFG, stop_after_steps=7), run_dir=folder)  # the notebook is interrupted
+    assert not part.finished
+    again = run_folder(tmp_path, "variant", CFG, _model(0), questions=40)  # the re-run builds the same start
+    assert again == folder
+    rest = fit(_model(0), _mse, _data(), CFG, run_dir=again)
+    assert rest.resumed_from == 7 and [r["loss"] for r in rest.history] == [r["loss"] for r in whole.history]
+    done = fit(_model(0), _mse, _data(), CFG, run_dir=again)  # a finished run is not trained again
+    assert done.resumed_from == done.step == whole.step
+
+
+def test_weights_fingerprint_sees_names_shapes_and_values():
+    from medvqa.training import weights_fingerprint
+    a, b = torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1.0  # element 0 is always among the subsampled values
+    assert weights_fingerprint(a, max_values=1000) != weights_fingerprint(b, max_values=1000)
+    assert weights_fingerprint(torch.nn.Linear(2, 3)) != weights_fingerprint(torch.nn.Linear(3, 2))
