@@ -22,14 +22,15 @@ from torch import nn
 from .core import atomic_folder, cache_root, check_choice, pick_device, seed_everything
 
 # %% auto #0
-__all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
-           'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
-           'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
-           'SmallViT', 'SmallCNN', 'load_open_clip', 'OpenClipImageEncoder', 'OpenClipTextEncoder',
-           'build_image_encoder', 'load_image_encoder', 'biomedclip_config', 'write_open_clip_folder',
-           'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer',
-           'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for',
-           'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+__all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS',
+           'ModelSpec', 'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load',
+           'require_files', 'local_model_dir', 'model_availability', 'TextFeatures', 'TextEncoder', 'minilm_folder',
+           'load_text_encoder', 'ImageFeatures', 'ImageEncoder', 'SmallViT', 'SmallCNN', 'load_open_clip',
+           'OpenClipImageEncoder', 'OpenClipTextEncoder', 'build_image_encoder', 'load_image_encoder',
+           'biomedclip_config', 'write_open_clip_folder', 'hub_architecture', 'smollm2_package_folder',
+           'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData',
+           'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for', 'lora_config', 'apply_lora',
+           'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def hub_load(spec: ModelSpec, loader: Callable[..., Any], hub_id: str | None = N
     except Exception as error:
         raise ModelUnavailableError(
             f"{spec.name!r} ({hub_id}) is not in the local Hugging Face cache and cannot be downloaded: {why}. "
-            f"Download it where there is internet (or pass local_dir=<folder>), "
+            f"Download it where there is internet into $MEDVQA_MODELS/{spec.name} (or pass local_dir=<folder>), "
             f"or use the offline model {spec.offline_alternative!r}.") from error
 
 
@@ -134,6 +135,35 @@ def require_files(folder: str | Path, names: Sequence[str], what: str) -> Path:
         if not any((folder / option).is_file() for option in name.split("|")):
             raise FileNotFoundError(f"{what}: {folder} is missing {name.replace('|', ' or ')}")
     return folder
+
+# %% ../nbs/02_models.ipynb #c011b
+def local_model_dir(name: str) -> Path | None:
+    """`$MEDVQA_MODELS/<name>` if that folder exists (a downloaded copy of a registry model), else None."""
+    root = os.environ.get("MEDVQA_MODELS", "").strip()
+    folder = Path(root).expanduser() / name if root else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _hub_cached(spec: ModelSpec) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        marker = "open_clip_config.json" if spec.hub_id == BIOMEDCLIP_HUB else "config.json"
+        return isinstance(try_to_load_from_cache(spec.hub_id, marker), str)
+    except Exception:
+        return False
+
+
+def model_availability(name: str) -> tuple[bool, str]:
+    """Whether registry model `name` can be loaded here, and from where (or why not)."""
+    spec = model_spec(name)
+    if spec.source != "hub":
+        return True, spec.source
+    if (folder := local_model_dir(name)) is not None:
+        return True, f"local copy {folder}"
+    if _hub_cached(spec):
+        return True, "Hugging Face cache"
+    ok, why = hub_reachable()
+    return (True, "hub reachable") if ok else (False, why)
 
 # %% ../nbs/02_models.ipynb #c014
 @dataclass
@@ -176,6 +206,7 @@ def load_text_encoder(name: str = "minilm", local_dir: str | Path | None = None,
     """A text encoder by registry name; `local_dir` loads a downloaded copy of a hub model."""
     from transformers import AutoModel, AutoTokenizer
     spec = model_spec(name, "text-encoder")
+    local_dir = local_dir or local_model_dir(name)
     if name == "biomedclip-text":
         clip, tokenizer, _ = load_open_clip(spec, local_dir)
         return OpenClipTextEncoder(clip, tokenizer, name)
@@ -270,7 +301,8 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
         cached = _open_clip_cached(spec.hub_id)
         if not ok and not cached:
             raise ModelUnavailableError(f"{spec.name!r} (hf-hub:{spec.hub_id}) is not cached and cannot be "
-                                        f"downloaded: {why}. Pass local_dir=<folder> or use {spec.offline_alternative!r}.")
+                                        f"downloaded: {why}. Put a copy in $MEDVQA_MODELS/{spec.name}, pass local_dir=<folder> "
+                                        f"or use {spec.offline_alternative!r}.")
         ident = f"hf-hub:{spec.hub_id}"
         if not ok:  # cached: read it without touching the network
             with hub_offline():
@@ -351,7 +383,7 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
         encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images,
                                         settings=PretrainSettings(epochs=encoder_epochs, seed=seed), device=device)
         return encoder
-    clip, _, _ = load_open_clip(spec, local_dir)
+    clip, _, _ = load_open_clip(spec, local_dir or local_model_dir(name))
     return OpenClipImageEncoder(clip, name)
 
 # %% ../nbs/02_models.ipynb #c025
@@ -381,6 +413,51 @@ def write_open_clip_folder(folder: str | Path, config: dict, text_model_dir: str
     model = open_clip.create_model(f"local-dir:{folder}", pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
+
+# %% ../nbs/02_models.ipynb #c027b
+HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {  # published config.json sizes
+    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "tie_word_embeddings": True},
+    "llama-3.2-3b": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                     "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                     "tie_word_embeddings": True},
+    "pmc-llama-13b": {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                      "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+                      "tie_word_embeddings": False},  # the LLaMA-13B architecture
+    "gpt2-xl": {"model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257, "n_positions": 1024},
+    "pubmedbert": {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512},
+}
+_LAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
+def hub_architecture(name: str, layers: int | None = None) -> nn.Module:
+    """A random-weight model with hub model `name`'s architecture (`layers`: fewer blocks), on the default device."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    spec = model_spec(name)
+    if name == "biomedclip" or name == "biomedclip-text":
+        return _biomedclip_architecture(layers)
+    check_choice("hub architecture", name, HUB_ARCHITECTURES)
+    sizes = dict(HUB_ARCHITECTURES[name])
+    if layers is not None:
+        sizes.update({k: layers for k in _LAYER_KEYS if k in sizes})
+    config = AutoConfig.for_model(**sizes)
+    return (AutoModelForCausalLM if spec.kind == "causal-lm" else AutoModel).from_config(config)
+
+
+def _biomedclip_architecture(layers: int | None = None) -> nn.Module:
+    import open_clip
+    import tempfile
+    from transformers import AutoConfig
+    bert = dict(HUB_ARCHITECTURES["pubmedbert"])
+    if layers is not None:
+        bert["num_hidden_layers"] = layers
+    with tempfile.TemporaryDirectory() as folder:
+        AutoConfig.for_model(**bert).save_pretrained(folder)
+        cfg = biomedclip_config(folder)["model_cfg"]
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+        return open_clip.CustomTextCLIP(**cfg)  # `layers` shortens the text tower only
 
 # %% ../nbs/02_models.ipynb #c028
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -432,6 +509,7 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
     if name == "tiny-llama":
         raise ValueError("'tiny-llama' is built from a corpus: use tiny_llama(CompactTokenizer(texts)) and pre-train it")
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    local_dir = local_dir or (local_model_dir(name) if spec.source == "hub" else None)
     if local_dir is not None or name == "smollm2-135m":
         folder = require_files(local_dir or smollm2_folder(), LM_FILES, name)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
@@ -591,10 +669,11 @@ def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: 
 
 
 def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_epochs: int = 3, seed: int = 0,
-                  device: str = "auto", extra_vocabulary: Sequence[str] = (), width: int = 128) -> tuple[nn.Module, Any, str]:
+                  device: str = "auto", extra_vocabulary: Sequence[str] = (), width: int = 128,
+                  dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, str]:
     """(frozen LM on the device, tokenizer, a note): 'tiny-llama' (`width` wide) is built over `texts` and pre-trained
     on them (its run in a folder under `folder` named by its settings, so a re-run resumes it); any other registry
-    name is loaded pre-trained."""
+    name is loaded pre-trained, in `dtype` (e.g. bfloat16 for a 13B model on one GPU)."""
     if name == "tiny-llama":
         from medvqa.training import TrainConfig, fit, run_folder
         if not texts:
@@ -607,8 +686,8 @@ def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_
                   run_dir=run_folder(folder, "tiny-llama", cfg, lm, texts=list(texts), vocabulary=list(extra_vocabulary)))
         note = f"pre-trained here: loss {run.history[0]['loss']:.2f} -> {run.history[-1]['loss']:.2f} in {run.seconds:.0f} s"
     else:
-        lm, tokenizer = load_causal_lm(name)
-        note = "loaded pre-trained"
+        lm, tokenizer = load_causal_lm(name, dtype=dtype)
+        note = f"loaded pre-trained ({next(lm.parameters()).dtype})"
     return lm.to(pick_device(device)).eval().requires_grad_(False), tokenizer, note
 
 # %% ../nbs/02_models.ipynb #c037

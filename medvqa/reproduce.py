@@ -9,6 +9,7 @@ import argparse
 import ast
 import csv
 import json
+import math
 import shlex
 import sys
 import time
@@ -16,17 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
 from .core import atomic_path, load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'list_chapters', 'notebook_parameters',
-           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks',
-           'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun',
-           'run_chapter', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
-           'results_reading', 'effects_table', 'update_readme', 'main']
+__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS', 'list_chapters',
+           'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types',
+           'declared_checks', 'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value',
+           'ChapterRun', 'run_chapter', 'profile_values_of', 'parameter_defaults', 'unavailable_models', 'reproduce',
+           'write_summary', 'read_summary', 'results_rows', 'results_table', 'results_reading', 'effects_table',
+           'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -225,6 +228,54 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
     return ChapterRun(notebook.stem, "failed" if error else "passed", round(seconds, 1), str(out_nb), error, metrics)
 
 
+def profile_values_of(profile: str, chapters: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
+                      nbs_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every chosen chapter's parameter values under `profile` (defaults, then the profile, then the overrides), checked."""
+    nbs_dir = Path(nbs_dir or project_root() / "nbs")
+    profile_values, overrides = load_profile(profile), overrides or {}
+    names = resolve_chapters(chapters, list_chapters(nbs_dir))
+    declared = {name: notebook_parameters(nbs_dir / f"{name}.ipynb") for name in names}
+    check_overrides(overrides, declared)
+    out = {}
+    for name in names:
+        path = nbs_dir / f"{name}.ipynb"
+        values = check_values(name, chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json")),
+                              parameter_types(path), declared_checks(path))
+        out[name] = {**parameter_defaults(declared[name]), **values}
+    return out
+
+
+def parameter_defaults(declared: dict[str, Any]) -> dict[str, Any]:
+    """papermill gives each default as its source text ('16', "'smoke'"): read the literals."""
+    out = {}
+    for name, text in declared.items():
+        try:
+            out[name] = ast.literal_eval(text) if isinstance(text, str) else text
+        except (ValueError, SyntaxError):
+            out[name] = text
+    return out
+
+
+def unavailable_models(values_of: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per hub model that a chapter's values name and that is neither local, cached nor downloadable."""
+    from medvqa.models import MODELS, model_availability
+    lines, seen = [], {}
+    for chapter, values in values_of.items():
+        for param, value in values.items():
+            if not isinstance(value, str) or value not in MODELS or MODELS[value].source != "hub":
+                continue
+            if value not in seen:
+                seen[value] = model_availability(value)
+            ok, why = seen[value]
+            if not ok:
+                spec = MODELS[value]
+                lines.append(f"chapter {chapter}: {param}={value!r} ({spec.hub_id}): {why}; download it where there is "
+                             f"internet with `huggingface-cli download {spec.hub_id} --local-dir $MEDVQA_MODELS/{value}` "
+                             f"and set MEDVQA_MODELS (the models chapter's local-dir: path), or use "
+                             f"{spec.offline_alternative!r}")
+    return lines
+
+
 def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
               kernel: str = "medvqa", timeout: int = 1800, results_dir: str | Path | None = None,
               nbs_dir: str | Path | None = None, profile_values: dict[str, Any] | None = None) -> list[ChapterRun]:
@@ -240,6 +291,9 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         path = nbs_dir / f"{name}.ipynb"
         values = chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json"))
         values_of[name] = check_values(name, values, parameter_types(path), declared_checks(path))
+    unavailable = unavailable_models({name: {**parameter_defaults(declared[name]), **values_of[name]} for name in names})
+    if unavailable:
+        raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -406,6 +460,142 @@ def update_readme(readme: str | Path, table: str, note: str = "") -> Path:
         tmp.write_text(before + start + body + end + after, encoding="utf-8")
     return readme
 
+# %% ../nbs/90_reproduce.ipynb #c020e
+GPU = {"name": "one 80 GB H100/H200-class GPU", "memory_gb": 80, "peak_flops": 989e12}  # dense bf16 peak
+PLAN_ASSUMPTIONS = {
+    "mfu_llm": 0.35,  # share of the peak that LLM training reaches (large matrix products)
+    "mfu_small": 0.10,  # share for the small models of chapters 04-06 (small kernels, data loading)
+    "train_questions": 4919, "train_images": 450,  # SLAKE English training split (the shared copy)
+    "knowledge_pairs": 407, "knowledge_classes": 17,  # chapter 04 on SLAKE (measured in the cpu profile)
+    "pretrain_pairs": 65_000 + 49_000,  # ROCO train + the PMC-VQA pairs of CMDPI's pre-training
+    "vocabulary": 30_000, "answers": 250,  # CMDPI's word vocabulary and answer classes (SLAKE + ROCO, estimated)
+    "lm_tokens": {"07_gated_fusion": 256, "08_knowledge_vqa": 128},  # prefix + prompt + answer tokens per question
+}
+
+
+def _count(model: torch.nn.Module) -> tuple[int, int]:
+    return (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def activation_bytes(layers: int, micro_batch: int, tokens: int, hidden: int, checkpointing: bool) -> float:
+    """16-bit activations a Transformer keeps for backward (Korthikanti et al. 2022: 34·s·b·h per layer without the
+    attention scores, which SDPA does not store); with checkpointing, each layer's input plus one layer in full."""
+    per_layer = 34 * micro_batch * tokens * hidden
+    return (layers * 2 * micro_batch * tokens * hidden + per_layer) if checkpointing else layers * per_layer
+
+
+def _row(chapter: str, model: str, total: int, trained: int, runs: float, steps: int, flops_step: float,
+         weight_bytes: float, activations: float, mfu: float) -> dict[str, Any]:
+    memory = weight_bytes + 12 * trained + activations  # fp32 gradients and AdamW moments of the trained part
+    hours = runs * steps * flops_step / (GPU["peak_flops"] * mfu) / 3600
+    return {"chapter": chapter, "model": model, "parameters": total, "trained": trained, "runs": runs,
+            "steps per run": steps, "TFLOP per step": flops_step / 1e12, "weights GB": weight_bytes / 1e9,
+            "optimizer GB": 12 * trained / 1e9, "activations GB": activations / 1e9, "memory GB": memory / 1e9,
+            "GPU-hours": hours, "fits one GPU": memory / 1e9 <= GPU["memory_gb"]}
+
+
+def gpu_plan(values_of: dict[str, dict[str, Any]], assumptions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per training chapter: parameters (total, trained), runs, steps, FLOPs per step, memory and GPU-hours (estimates)."""
+    from medvqa.balanced_contrastive import KnowledgeSpace
+    from medvqa.coregularized import CoRegConfig, CoRegularizedModel
+    from medvqa.gated_fusion import FusionVQA, GatedFusion
+    from medvqa.knowledge_vqa import KnowledgeVQA
+    from medvqa.models import MODELS, apply_lora, hub_architecture
+    a = {**PLAN_ASSUMPTIONS, **(assumptions or {})}
+    rows = []
+    steps = lambda samples, batch, epochs: max(1, samples // batch) * epochs
+
+    def encoder(name: str) -> torch.nn.Module:
+        return hub_architecture(name) if MODELS[name].source == "hub" else None
+
+    with torch.device("meta"):
+        if (v := values_of.get("04_balanced_contrastive")) is not None:
+            space = KnowledgeSpace(512, 512, a["knowledge_classes"], v["embed_dim"])
+            frozen = encoder(v["image_encoder"])
+            total, trained = _count(space)
+            per_sample = 2 + v["intra_images"] + 3  # reference + intra-class images + three texts through the heads
+            flops = 6 * trained * v["batch_size"] * per_sample
+            runs = 2 * v["seeds"]  # alignment and BaMCo, each seed
+            total += sum(p.numel() for p in frozen.parameters()) if frozen is not None else 0  # features computed once
+            rows.append(_row("04_balanced_contrastive", f"frozen {v['image_encoder']} features + knowledge-space heads",
+                             total, trained, runs, steps(a["knowledge_pairs"], v["batch_size"], v["knowledge_epochs"]), flops,
+                             4 * total, 0.0, a["mfu_small"]))
+        for chapter in ("05_coregularized_pretraining", "06_difference_reconstruction"):
+            if (v := values_of.get(chapter)) is None:
+                continue
+            pre = values_of.get("05_coregularized_pretraining", v)
+            cfg = CoRegConfig(vocab_size=a["vocabulary"], n_answers=a["answers"], image_size=pre["image_size"],
+                              patch=pre["patch_size"], dim=pre["model_dim"], recnet_layers=pre["recnet_layers"])
+            total, trained = _count(CoRegularizedModel(cfg))
+            tokens = cfg.n_patches + cfg.text_length
+            if chapter.startswith("05"):
+                batch, samples, epochs = v["batch_size"], a["pretrain_pairs"], v["pretrain_epochs"]
+                flops = (6 + 2) * trained * batch * tokens  # + the momentum encoders' forward pass
+                runs = 5 * v["seeds"]  # full and the four Fig. 7 variants
+            else:
+                batch, samples, epochs = v["finetune_batch_size"], a["train_questions"], v["finetune_epochs"]
+                flops = 2 * 6 * trained * batch * tokens  # each image and its similar partner
+                shares = sum(float(x) for x in str(v["efficiency_fractions"]).split(",") if x.strip())
+                runs = (1 + 4 * v["seeds"] + 3 * v["seeds"] * shares)  # headline, Fig. 8 variants, the efficiency curve
+            acts = activation_bytes(cfg.encoder_layers * 2 + cfg.recnet_layers, batch, tokens, cfg.dim, False) * 2
+            rows.append(_row(chapter, f"CMDPI, {cfg.dim} wide", total, trained, runs, steps(samples, batch, epochs), flops,
+                             4 * total, acts, a["mfu_small"]))
+        if (v := values_of.get("07_gated_fusion")) is not None and MODELS[v["fusion_lm"]].source == "hub":
+            lm = apply_lora(hub_architecture(v["fusion_lm"]).requires_grad_(False), "biod2c", v["fusion_lora_dropout"])
+            width, layers = lm.config.hidden_size, lm.config.num_hidden_layers
+            side = v["visual_side"] or 14
+            fusion = GatedFusion(768, width, side, min(v["scales"], 1 + int(math.log2(side))), v["fusion_layers"], 8,
+                                 v["beta_init"], True, v["fusion_dim"] or None, v["fusion_dropout"])
+            total, trained = _count(FusionVQA(lm, fusion))
+            t, micro = a["lm_tokens"]["07_gated_fusion"], v["batch_size"] // v["fusion_accumulate"]
+            recompute = 2 if v["gradient_checkpointing"] else 0
+            frozen = total - trained
+            flops = ((4 + recompute) * frozen + 6 * trained) * v["batch_size"] * t
+            per_run = (steps(a["train_images"], v["batch_size"], v["caption_epochs"])
+                       + steps(a["train_questions"], v["batch_size"], v["fusion_epochs"]))
+            bytes_per = 2 if v["mixed_precision"] == "bf16" else 4
+            rows.append(_row("07_gated_fusion", f"{v['fusion_lm']} + LoRA + gated fusion", total, trained, 3 * v["seeds"],
+                             per_run, flops, bytes_per * frozen + 4 * trained,
+                             activation_bytes(layers, micro, t, width, bool(v["gradient_checkpointing"])), a["mfu_llm"]))
+        if (v := values_of.get("08_knowledge_vqa")) is not None and MODELS[v["vqa_lm"]].source == "hub":
+            lm = apply_lora(hub_architecture(v["vqa_lm"]).requires_grad_(False), "bamco", v["lora_dropout"])
+            width, layers = lm.config.hidden_size, lm.config.num_hidden_layers
+            space = KnowledgeSpace(512, 512, a["knowledge_classes"], values_of.get("04_balanced_contrastive", {}).get("embed_dim", 512))
+            total, trained = _count(KnowledgeVQA(lm, space, 768, v["prefix_order"], v["pool"]))
+            t, micro = a["lm_tokens"]["08_knowledge_vqa"], v["batch_size"] // v["vqa_accumulate"]
+            recompute = 2 if v["gradient_checkpointing"] else 0
+            frozen = total - trained
+            flops = ((4 + recompute) * frozen + 6 * trained) * v["batch_size"] * t
+            variants = len([x for x in str(v["knowledge_variants"]).split(",") if x.strip()]) + 1  # + image tokens only
+            bytes_per = 2 if v["mixed_precision"] == "bf16" else 4
+            rows.append(_row("08_knowledge_vqa", f"{v['vqa_lm']} + LoRA + knowledge prefix", total, trained, variants * v["seeds"],
+                             steps(a["train_questions"], v["batch_size"], v["vqa_epochs"]), flops,
+                             bytes_per * frozen + 4 * trained,
+                             activation_bytes(layers, micro, t, width, bool(v["gradient_checkpointing"])), a["mfu_llm"]))
+    return rows
+
+
+def plan_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The plan as a Markdown table, with the total GPU-hours and what does not fit one GPU."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "**no**"
+        if isinstance(value, int):
+            return f"{value / 1e9:.2f} B" if value >= 1e9 else f"{value / 1e6:.1f} M" if value >= 1e6 else f"{value:,}"
+        if isinstance(value, float):
+            return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+        return str(value)
+    header = list(rows[0]) if rows else []
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in header) + " |" for r in rows]
+    hours = sum(r["GPU-hours"] for r in rows)
+    lines.append(f"\nTotal: about {hours:,.0f} GPU-hours on {GPU['name']} (peak {GPU['peak_flops'] / 1e12:.0f} TFLOP/s bf16).")
+    too_big = [r["chapter"] for r in rows if not r["fits one GPU"]]
+    if too_big:
+        lines.append(f"Does not fit one GPU: {', '.join(too_big)}: shard it with `accelerate launch --config_file "
+                     f"configs/accelerate/fsdp.yaml` (or `deepspeed_zero3.yaml`) on several GPUs.")
+    return "\n".join(lines)
+
 # %% ../nbs/90_reproduce.ipynb #c022
 def _parse_value(text: str) -> Any:
     """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string (YAML rules)."""
@@ -426,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell execution timeout in seconds")
     rep.add_argument("--results", default=None, help="output folder (default results/<profile>)")
     rep.add_argument("--list", action="store_true", help="list the chapters and their parameters, then exit")
+    rep.add_argument("--plan", action="store_true", help="print the GPU plan of the chosen chapters (runs nothing)")
     res = sub.add_parser("results", help="the VQA results table of run folders (and write it into the README)")
     res.add_argument("runs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run folder, e.g. smoke=results/smoke")
     res.add_argument("--readme", default=None, help="replace the table between the results markers of this README")
@@ -449,6 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list:
             for name in list_chapters():
                 print(name, notebook_parameters(project_root() / "nbs" / f"{name}.ipynb"))
+            return 0
+        if args.plan:
+            print(plan_table(gpu_plan(profile_values_of(args.profile, args.chapters,
+                                                         {k: _parse_value(v) for k, v in args.parameter}))))
+            print("assumptions:", json.dumps(PLAN_ASSUMPTIONS))
             return 0
         runs = reproduce(args.profile, args.chapters, {k: _parse_value(v) for k, v in args.parameter},
                          args.kernel, args.timeout, args.results)

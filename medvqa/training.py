@@ -5,8 +5,10 @@
 # %% ../nbs/00a_training.ipynb #c003
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,17 +20,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .core import load_checkpoint, pick_device, save_checkpoint, set_rng_state, to_builtin
+from .core import check_choice, check_range, load_checkpoint, pick_device, save_checkpoint, set_rng_state, to_builtin
 
 # %% auto #0
-__all__ = ['LossFn', 'TrainConfig', 'EpochShuffle', 'TrainResult', 'fit', 'weights_fingerprint', 'run_folder']
+__all__ = ['LossFn', 'TrainConfig', 'micro_batch', 'EpochShuffle', 'TrainResult', 'state_fingerprint', 'split_state',
+           'enable_gradient_checkpointing', 'fit', 'weights_fingerprint', 'run_folder']
 
 # %% ../nbs/00a_training.ipynb #c008
 @dataclass
 class TrainConfig:
     """Settings of `fit` (stored in every checkpoint)."""
     epochs: int = 1  # passes over the training data
-    batch_size: int = 32  # samples per step (per process)
+    batch_size: int = 32  # samples per micro-batch (per process)
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.05  # fraction of all steps with linear warm-up
@@ -39,13 +42,29 @@ class TrainConfig:
     drop_last: bool = False  # drop the last incomplete batch of each epoch
     stop_after_steps: int | None = None  # end this call early at this global step (for time-boxed runs)
     progress: bool = True  # show a tqdm progress bar
+    accumulate: int = 1  # micro-batches per optimizer step: a step sees batch_size x accumulate x processes samples
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU): autocast through accelerate
+    gradient_checkpointing: bool = False  # recompute activations of Hugging Face models in backward (saves memory)
+
+    def __post_init__(self):
+        check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_range("accumulate", self.accumulate, 1, 4096)
+        check_range("batch_size", self.batch_size, 1, 1_000_000)
 
     def resume_key(self) -> dict[str, Any]:
         """The fields that must match for a checkpoint to be resumed."""
         d = asdict(self)
-        for volatile in ("stop_after_steps", "progress", "checkpoint_every", "device"):
+        for volatile in ("stop_after_steps", "progress", "checkpoint_every", "device", "gradient_checkpointing"):
             d.pop(volatile)
         return d
+
+# %% ../nbs/00a_training.ipynb #c008a
+def micro_batch(step_batch: int, accumulate: int) -> int:
+    """The micro-batch size that makes `accumulate` micro-batches one optimizer step of `step_batch` samples."""
+    if step_batch % accumulate:
+        raise ValueError(f"batch size {step_batch} is not a multiple of accumulate={accumulate}: "
+                         f"pick an accumulate that divides it (e.g. {[k for k in range(1, step_batch + 1) if step_batch % k == 0][:6]})")
+    return step_batch // accumulate
 
 # %% ../nbs/00a_training.ipynb #c010
 class EpochShuffle(Sampler[int]):
@@ -89,6 +108,51 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def state_fingerprint(state: dict[str, torch.Tensor], max_values: int = 65_536) -> str:
+    """A short hash of named tensors: every name, shape and dtype, and the values (evenly subsampled above `max_values`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        values = flat[:: max(1, flat.numel() // max_values)].to("cpu", torch.float64 if tensor.is_floating_point() else torch.int64)
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_state(model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(what a checkpoint keeps: the trained parameters and every buffer, the frozen parameters) of `model`'s state_dict."""
+    trained_ids = {id(p) for p in trainable}
+    param_ids = {id(p) for p in model.parameters()}
+    kept, frozen = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        is_frozen = id(tensor) in param_ids and id(tensor) not in trained_ids
+        (frozen if is_frozen else kept)[name] = tensor.detach()
+    return kept, frozen
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
+    """Turn on activation checkpointing in the outermost Hugging Face modules of `model`; their names."""
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == d or name.startswith(d + ".") or d == "" for d in done):
+            continue
+        if getattr(module, "supports_gradient_checkpointing", False) and hasattr(module, "gradient_checkpointing_enable"):
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+                module.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            done.append(name)
+    if not done:
+        raise ValueError("gradient_checkpointing=True, but the model holds no Hugging Face module that supports it")
+    return done
+
+
+def _accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=False)  # the precision is a per-run choice, not per process
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+
+
 def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: TrainConfig,
         run_dir: str | Path | None = None, *, collate_fn: Callable | None = None,
         eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -97,21 +161,26 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
     start = time.perf_counter()
     if len(train_data) == 0:
         raise ValueError("fit: the training dataset is empty")
-    dev = pick_device(config.device)
-    accelerator = Accelerator(cpu=dev.type == "cpu")
+    accelerator = _accelerator(pick_device(config.device), config.mixed_precision)
     sampler = EpochShuffle(len(train_data), config.seed)
     loader = DataLoader(train_data, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
                         drop_last=config.drop_last, generator=torch.Generator().manual_seed(config.seed))
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"fit: batch_size={config.batch_size} with drop_last leaves no batch of {len(train_data)} samples")
-    total = steps_per_epoch * config.epochs
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("fit: the model has no trainable parameters")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    _, frozen = split_state(model, trainable)
+    frozen_id = {"parameters": len(frozen), "fingerprint": state_fingerprint(frozen)}  # what the trained part sits on
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # the loader is sharded over processes
+    micro_per_epoch = len(loader)
+    if micro_per_epoch == 0:
+        raise ValueError(f"fit: batch_size={config.batch_size} with drop_last leaves no batch of {len(train_data)} samples")
+    steps_per_epoch = math.ceil(micro_per_epoch / config.accumulate)
+    total = steps_per_epoch * config.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
 
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     step, history = 0, []
@@ -120,7 +189,13 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
         if state["config"].get("train") != config.resume_key():
             raise ValueError(f"{ckpt_path}: saved with another config {state['config'].get('train')}; "
                              f"use a new run_dir or resume=False to start over")
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        if state["config"].get("frozen") != frozen_id:
+            raise ValueError(f"{ckpt_path}: trained on other frozen weights {state['config'].get('frozen')} than this "
+                             f"model's {frozen_id}; load the same base model or use a new run_dir")
+        missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) != set(frozen):
+            raise ValueError(f"{ckpt_path}: its trained tensors do not fit this model "
+                             f"(unexpected {sorted(unexpected)[:5]}, not restored {sorted(set(missing) - set(frozen))[:5]})")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -129,30 +204,52 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
 
     def checkpoint() -> None:
         if ckpt_path is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt_path, step=step, config={"train": config.resume_key()},
-                            model=accelerator.unwrap_model(model).state_dict(),
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history)
+            kept, _ = split_state(unwrapped, trainable)  # the frozen base is named by frozen_id, never copied
+            save_checkpoint(ckpt_path, step=step, config={"train": config.resume_key(), "frozen": frozen_id},
+                            model=kept, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history)
+        accelerator.wait_for_everyone()
+
+    def optimizer_step(losses: list[torch.Tensor], extras: list[dict[str, Any]]) -> dict[str, float]:
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        names = sorted({k for e in extras for k in e})
+        means = [float(torch.stack(losses).mean())] + [sum(e.get(k, 0.0) for e in extras) / len(extras) for k in names]
+        logged = torch.tensor(means, dtype=torch.float64, device=accelerator.device)
+        logged = accelerator.reduce(logged, "mean")  # the mean over processes: one process with the global batch logs the same
+        return {"loss": float(logged[0]), **{k: float(v) for k, v in zip(names, logged[1:])}}
 
     bar = tqdm(total=total, initial=step, desc="train", disable=not config.progress or not accelerator.is_main_process)
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.use_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
-        for batch in epoch_loader:
-            out = loss_fn(model, _to_device(batch, accelerator.device))
-            loss, extra = out if isinstance(out, tuple) else (out, {})
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fit: loss became {loss.item()} at step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+        skip = done_in_epoch * config.accumulate
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        losses, extras = [], []
+        for micro, batch in enumerate(epoch_loader, start=skip):
+            group_end = min((micro // config.accumulate + 1) * config.accumulate, micro_per_epoch)
+            group_size = group_end - (micro // config.accumulate) * config.accumulate
+            last_of_group = micro + 1 == group_end
+            sync = contextlib.nullcontext() if last_of_group else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    out = loss_fn(model, _to_device(batch, accelerator.device))
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fit: loss became {loss.item()} at step {step + 1}")
+                accelerator.backward(loss / group_size)  # mean over the group's micro-batches = one large batch
+            losses.append(loss.detach().float())
+            extras.append({k: float(v) for k, v in extra.items()})
+            if not last_of_group:
+                continue
+            row = optimizer_step(losses, extras)
+            losses, extras = [], []
             step += 1
-            row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
-                   "lr": float(scheduler.get_last_lr()[0]), **{k: float(v) for k, v in extra.items()}}
+            row = {"step": step, "epoch": epoch, "loss": row.pop("loss"), "lr": float(scheduler.get_last_lr()[0]), **row}
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -174,13 +271,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
 # %% ../nbs/00a_training.ipynb #c018b
 def weights_fingerprint(model: torch.nn.Module, max_values: int = 65_536) -> str:
     """A short hash of a model's state: every name, shape and dtype, and its values (evenly subsampled above `max_values`)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        values = flat[:: max(1, flat.numel() // max_values)].to("cpu", torch.float64 if tensor.is_floating_point() else torch.int64)
-        digest.update(values.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return state_fingerprint(model.state_dict(), max_values)
 
 
 def run_folder(base: str | Path, name: str, config: TrainConfig, model: torch.nn.Module, **settings: Any) -> Path:

@@ -312,3 +312,29 @@ def test_prefix_lm_on_gpt2_matches_full_logits():
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows["labels"][:, 1:].flatten(), ignore_index=-100)
     assert torch.allclose(nll, expected, atol=1e-5)
     assert model.generate_answer(prefix, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=3, eos_token_id=2).shape[0] == 2
+
+
+def test_a_downloaded_copy_in_medvqa_models_is_loaded_in_the_asked_dtype(tmp_path, monkeypatch):
+    """The `full` path offline: a Llama-shaped random model saved where a downloaded Llama 3.2 would be."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from medvqa.models import load_causal_lm, model_availability
+    folder = tmp_path / "llama-3.2-1b"
+    words = ["<unk>", "</s>", "is", "there", "a", "fracture", "yes", "no"]
+    tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path))
+    assert model_availability("llama-3.2-1b") == (True, f"local copy {folder}")
+    lm, tokenizer = load_causal_lm("llama-3.2-1b", dtype=torch.bfloat16)
+    assert next(lm.parameters()).dtype == torch.bfloat16 and tokenizer.pad_token == "</s>"
+    ids = tokenizer("is there a fracture", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[2, 3, 4, 5]] and lm(input_ids=ids).logits.shape == (1, 4, len(words))
+    monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path / "elsewhere"))
+    with pytest.raises(ModelUnavailableError, match=r"\$MEDVQA_MODELS/llama-3.2-1b"):
+        load_causal_lm("llama-3.2-1b")

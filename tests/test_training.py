@@ -152,3 +152,132 @@ def test_weights_fingerprint_sees_names_shapes_and_values():
         b.weight[0, 0] += 1.0  # element 0 is always among the subsampled values
     assert weights_fingerprint(a, max_values=1000) != weights_fingerprint(b, max_values=1000)
     assert weights_fingerprint(torch.nn.Linear(2, 3)) != weights_fingerprint(torch.nn.Linear(3, 2))
+
+
+# --- GPU-ready training: trained-only checkpoints, accumulation, mixed precision, checkpointing, several processes ---
+
+class _FrozenBase(torch.nn.Module):
+    """A large frozen body with a BatchNorm (buffers that change in training) and a small trained head."""
+
+    def __init__(self, seed=0, width=256):
+        super().__init__()
+        seed_everything(seed)
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU())
+        self.body[0].requires_grad_(False)
+        self.body[1].weight.requires_grad_(False)
+        self.body[1].bias.requires_grad_(False)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_checkpoint_keeps_trained_parameters_and_buffers_only(tmp_path):
+    from medvqa.core import load_checkpoint
+    model = _FrozenBase()
+    fit(model, _mse, _data(), CFG, run_dir=tmp_path)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(saved["model"]) == {"head.weight", "head.bias", "body.1.running_mean", "body.1.running_var",
+                                   "body.1.num_batches_tracked"}
+    assert saved["config"]["frozen"]["parameters"] == 4  # body.0.weight/bias, body.1.weight/bias: named, not copied
+    assert torch.equal(saved["model"]["head.weight"], model.head.weight.detach())
+
+
+def test_trained_only_checkpoint_resumes_exactly_and_refuses_another_base(tmp_path):
+    whole = _FrozenBase()
+    fit(whole, _mse, _data(), CFG, run_dir=tmp_path / "whole")
+    fit(_FrozenBase(), _mse, _data(), replace(CFG, stop_after_steps=6), run_dir=tmp_path / "cut")
+    resumed = _FrozenBase()
+    resumed.head.reset_parameters()  # another head: it must come from the checkpoint; the base is the same
+    rest = fit(resumed, _mse, _data(), CFG, run_dir=tmp_path / "cut")
+    assert rest.resumed_from == 6
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="other frozen weights"):
+        fit(_FrozenBase(seed=5), _mse, _data(), CFG, run_dir=tmp_path / "cut")
+
+
+def test_accumulated_steps_equal_one_large_batch():
+    """4 micro-batches of 8 per step = one batch of 32: same losses, same weights (no dropout)."""
+    data = _data(96)
+    big, small = _model(dropout=0.0), _model(dropout=0.0)
+    a = fit(big, _mse, data, replace(CFG, batch_size=32))
+    b = fit(small, _mse, data, replace(CFG, batch_size=8, accumulate=4))
+    assert a.step == b.step == 9
+    assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-5)
+    for p, q in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_run_resumes_exactly(tmp_path):
+    """40 samples, micro-batches of 8, 2 per step: 3 steps an epoch, the last of one micro-batch."""
+    cfg = replace(CFG, accumulate=2)
+    whole = _model()
+    done = fit(whole, _mse, _data(), cfg)
+    assert done.step == 9
+    fit(_model(), _mse, _data(), replace(cfg, stop_after_steps=4), run_dir=tmp_path)
+    resumed = _model(seed=9)
+    rest = fit(resumed, _mse, _data(), cfg, run_dir=tmp_path)
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in done.history]
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    seen = []
+
+    def loss_fn(model, batch):
+        x, y = batch
+        hidden = model[0](x)  # inside autocast: a bf16 matmul
+        seen.append(hidden.dtype)
+        return torch.nn.functional.mse_loss(model[3](model[2](model[1](hidden))).float(), y)
+
+    run = fit(_model(), loss_fn, _data(), replace(CFG, epochs=20, mixed_precision="bf16"))
+    assert set(seen) == {torch.bfloat16}
+    assert run.history[-1]["loss"] < 0.5 * run.history[0]["loss"]
+    fit(_model(), _mse, _data(), CFG)  # a later fp32 run in the same process is not stuck in bf16
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    from lm_helpers import tiny_lm
+    ids = torch.randint(3, 64, (24, 12), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(ids)
+    lm_loss = lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+    runs = []
+    for checkpointing in (False, True):
+        lm = tiny_lm()
+        run = fit(lm, lm_loss, data, replace(CFG, epochs=1, gradient_checkpointing=checkpointing))
+        runs.append([r["loss"] for r in run.history])
+        assert lm.model.gradient_checkpointing == checkpointing
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    with pytest.raises(ValueError, match="no Hugging Face module"):
+        fit(_model(), _mse, _data(), replace(CFG, gradient_checkpointing=True))
+
+
+def test_two_processes_log_what_one_process_with_the_global_batch_logs(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo), 8 samples each = one process with batches of 16."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import multiprocess_fit
+    here = Path(__file__).parent
+    out = tmp_path / "two.json"
+    env = {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    # --multi_gpu selects accelerate's torchrun launcher; fit's Accelerator(cpu=True) then joins a gloo process group
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    done = subprocess.run(launcher + [str(here / "multiprocess_fit.py"), str(out), str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["processes"] == 2
+    one_history, one_model = multiprocess_fit.run(batch_size=16)
+    assert len(two["history"]) == len(one_history) == 12
+    assert [r["loss"] for r in two["history"]] == pytest.approx([r["loss"] for r in one_history], rel=1e-5)
+    for p, q in zip(one_model.parameters(), two["weights"]):
+        assert p.detach().reshape(-1).tolist() == pytest.approx(q, rel=1e-4, abs=1e-6)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
