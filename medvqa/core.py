@@ -27,7 +27,7 @@ __all__ = ['PROFILES', 'check_choice', 'check_range', 'project_root', 'data_root
            'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
-PROFILES: tuple[str, ...] = ("smoke", "cpu", "full")
+PROFILES: tuple[str, ...] = ("smoke", "cpu", "full", "rehearsal")  # rehearsal: full's code paths on a CPU
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

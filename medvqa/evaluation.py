@@ -283,8 +283,14 @@ def bert_scores(predictions: Sequence[str], references: Sequence[str], model: st
         scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6, lang="en", batch_size=batch_size)
     else:
         scorer = BERTScorer(model_type=model, lang="en", batch_size=batch_size)
-    _, _, f1 = scorer.score([str(p or "") for p in predictions], [str(r) for r in references], verbose=False)
-    return f1.tolist()
+    candidates = [str(p or "").strip() for p in predictions]
+    scored = [k for k, c in enumerate(candidates) if c]  # an empty answer scores 0 (bert-score cannot encode "")
+    out = [0.0] * len(candidates)
+    if scored:
+        _, _, f1 = scorer.score([candidates[k] for k in scored], [str(references[k]) for k in scored], verbose=False)
+        for k, value in zip(scored, f1.tolist()):
+            out[k] = value
+    return out
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], bertscore_model: str | None = "minilm") -> dict[str, float]:

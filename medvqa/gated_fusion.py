@@ -124,7 +124,7 @@ class GatedFusion(nn.Module):
 
     def text_queries(self, embeddings: torch.Tensor) -> torch.Tensor:
         """X_t = MLP(eps(T)) from the LLM's token embeddings [B, L, width]."""
-        return self.text_mlp(embeddings)
+        return self.text_mlp(embeddings.to(self.text_mlp[0].weight.dtype))  # a bf16 LLM's embeddings, fp32 fusion
 
     def plain_tokens(self, patches: torch.Tensor) -> torch.Tensor:
         """X_v: the encoder grid average-pooled to visual_side x visual_side, [B, L, D_v]."""

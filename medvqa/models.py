@@ -24,13 +24,13 @@ from .core import atomic_folder, cache_root, check_choice, pick_device, seed_eve
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS',
            'ModelSpec', 'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load',
-           'require_files', 'local_model_dir', 'model_availability', 'TextFeatures', 'TextEncoder', 'minilm_folder',
-           'load_text_encoder', 'ImageFeatures', 'ImageEncoder', 'SmallViT', 'SmallCNN', 'load_open_clip',
-           'OpenClipImageEncoder', 'OpenClipTextEncoder', 'build_image_encoder', 'load_image_encoder',
+           'require_files', 'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder',
+           'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
+           'SmallViT', 'SmallCNN', 'OpenClipImageEncoder', 'build_image_encoder', 'load_image_encoder',
            'biomedclip_config', 'write_open_clip_folder', 'hub_architecture', 'smollm2_package_folder',
            'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData',
-           'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for', 'lora_config', 'apply_lora',
-           'count_parameters', 'describe_model']
+           'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for', 'write_rehearsal_models',
+           'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -165,6 +165,55 @@ def model_availability(name: str) -> tuple[bool, str]:
     ok, why = hub_reachable()
     return (True, "hub reachable") if ok else (False, why)
 
+# %% ../nbs/02_models.ipynb #c013b
+OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_model.safetensors|open_clip_pytorch_model.bin"]
+
+
+def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tuple[nn.Module, Any, Any]:
+    """(model, tokenizer, preprocess config) of an open_clip model from the hub or a local folder."""
+    import open_clip
+    if local_dir is not None:
+        folder = require_files(local_dir, OPEN_CLIP_FILES, spec.name)
+        ident = f"local-dir:{folder}"
+    else:
+        ok, why = hub_reachable()
+        cached = _open_clip_cached(spec.hub_id)
+        if not ok and not cached:
+            raise ModelUnavailableError(f"{spec.name!r} (hf-hub:{spec.hub_id}) is not cached and cannot be "
+                                        f"downloaded: {why}. Put a copy in $MEDVQA_MODELS/{spec.name}, pass local_dir=<folder> "
+                                        f"or use {spec.offline_alternative!r}.")
+        ident = f"hf-hub:{spec.hub_id}"
+        if not ok:  # cached: read it without touching the network
+            with hub_offline():
+                model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
+            return model.eval(), tokenizer, model.visual.preprocess_cfg
+    model = open_clip.create_model(ident, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(ident)
+    return model.eval(), tokenizer, model.visual.preprocess_cfg
+
+
+def _open_clip_cached(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(hub_id, "open_clip_config.json"), str)
+    except Exception:
+        return False
+
+
+class OpenClipTextEncoder(nn.Module):
+    """An open_clip text tower: projected global embedding + last hidden states."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, name: str):
+        super().__init__()
+        self.clip, self.tokenizer, self.name = clip, tokenizer, name
+        self.dim = clip.text.proj[-1].out_features if isinstance(clip.text.proj, nn.Sequential) else clip.text.output_dim
+
+    def forward(self, texts: Sequence[str]) -> TextFeatures:
+        ids = self.tokenizer(list(texts)).to(next(self.clip.parameters()).device)  # [B, L]
+        mask = (ids != self.clip.text.config.pad_token_id).long()
+        hidden = self.clip.text.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+        return TextFeatures(F.normalize(self.clip.encode_text(ids), dim=-1), hidden, mask)
+
 # %% ../nbs/02_models.ipynb #c014
 @dataclass
 class TextFeatures:
@@ -287,40 +336,6 @@ def _check_images(images: torch.Tensor, size: int) -> None:
         raise ValueError(f"expected images [B, 3, {size}, {size}], got {list(images.shape)}")
 
 # %% ../nbs/02_models.ipynb #c021
-OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_model.safetensors|open_clip_pytorch_model.bin"]
-
-
-def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tuple[nn.Module, Any, Any]:
-    """(model, tokenizer, preprocess config) of an open_clip model from the hub or a local folder."""
-    import open_clip
-    if local_dir is not None:
-        folder = require_files(local_dir, OPEN_CLIP_FILES, spec.name)
-        ident = f"local-dir:{folder}"
-    else:
-        ok, why = hub_reachable()
-        cached = _open_clip_cached(spec.hub_id)
-        if not ok and not cached:
-            raise ModelUnavailableError(f"{spec.name!r} (hf-hub:{spec.hub_id}) is not cached and cannot be "
-                                        f"downloaded: {why}. Put a copy in $MEDVQA_MODELS/{spec.name}, pass local_dir=<folder> "
-                                        f"or use {spec.offline_alternative!r}.")
-        ident = f"hf-hub:{spec.hub_id}"
-        if not ok:  # cached: read it without touching the network
-            with hub_offline():
-                model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
-            return model.eval(), tokenizer, model.visual.preprocess_cfg
-    model = open_clip.create_model(ident, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(ident)
-    return model.eval(), tokenizer, model.visual.preprocess_cfg
-
-
-def _open_clip_cached(hub_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(hub_id, "open_clip_config.json"), str)
-    except Exception:
-        return False
-
-
 class OpenClipImageEncoder(ImageEncoder):
     """An open_clip image tower: projected global embedding + last-block patch grid."""
 
@@ -340,21 +355,6 @@ class OpenClipImageEncoder(ImageEncoder):
         out = self.visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NCHW")
         patches = out["image_intermediates"][-1].permute(0, 2, 3, 1)  # [B, h, w, D_p]
         return ImageFeatures(out["image_features"], patches)
-
-
-class OpenClipTextEncoder(nn.Module):
-    """An open_clip text tower: projected global embedding + last hidden states."""
-
-    def __init__(self, clip: nn.Module, tokenizer: Any, name: str):
-        super().__init__()
-        self.clip, self.tokenizer, self.name = clip, tokenizer, name
-        self.dim = clip.text.proj[-1].out_features if isinstance(clip.text.proj, nn.Sequential) else clip.text.output_dim
-
-    def forward(self, texts: Sequence[str]) -> TextFeatures:
-        ids = self.tokenizer(list(texts)).to(next(self.clip.parameters()).device)  # [B, L]
-        mask = (ids != self.clip.text.config.pad_token_id).long()
-        hidden = self.clip.text.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-        return TextFeatures(F.normalize(self.clip.encode_text(ids), dim=-1), hidden, mask)
 
 
 def build_image_encoder(name: str, image_size: int = 64) -> ImageEncoder:
@@ -689,6 +689,59 @@ def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_
         lm, tokenizer = load_causal_lm(name, dtype=dtype)
         note = f"loaded pre-trained ({next(lm.parameters()).dtype})"
     return lm.to(pick_device(device)).eval().requires_grad_(False), tokenizer, note
+
+# %% ../nbs/02_models.ipynb #c035b
+def _bert_standin(folder: Path, layers: int) -> Path:
+    from transformers import AutoConfig, AutoModel
+    sizes = {**HUB_ARCHITECTURES["pubmedbert"], "num_hidden_layers": layers}
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(**sizes)).save_pretrained(folder)
+    for f in minilm_folder().iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def _lm_standin(name: str, folder: Path, width: int, layers: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    sizes = dict(HUB_ARCHITECTURES[name])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    heads = max(1, width // 64)
+    if sizes["model_type"] == "gpt2":
+        sizes.update(n_embd=width, n_layer=layers, n_head=heads, vocab_size=len(tokenizer),
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        groups = sizes["num_attention_heads"] // sizes["num_key_value_heads"]  # query heads per key/value head
+        sizes.update(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=max(1, heads // groups), head_dim=64, vocab_size=len(tokenizer),
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**sizes)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_rehearsal_models(folder: str | Path, names: Sequence[str] | None = None, lm_width: int = 256,
+                           layers: int = 2) -> Path:
+    """Random-weight stand-ins of the hub models in `folder/<name>` (kept when already there); returns `folder`."""
+    folder = Path(folder)
+    hub = [n for n, s in MODELS.items() if s.source == "hub"]
+    for name in names or hub:
+        check_choice("hub model", name, hub)
+        dest = folder / name
+        if (dest / "config.json").is_file() or (dest / "open_clip_config.json").is_file():
+            continue
+        with atomic_folder(dest) as tmp:
+            if name in ("biomedclip", "biomedclip-text"):
+                bert = _bert_standin(Path(tmp) / "text-tower", layers)
+                config = biomedclip_config(dest / "text-tower")  # where the tower will be once the folder is in place
+                write_open_clip_folder(tmp, biomedclip_config(bert), bert)
+                (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+            elif name == "pubmedbert":
+                _bert_standin(Path(tmp), layers)
+            else:
+                _lm_standin(name, Path(tmp), lm_width, layers)
+    return folder
 
 # %% ../nbs/02_models.ipynb #c037
 LORA_PRESETS: dict[str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ import ast
 import csv
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -291,6 +292,11 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         path = nbs_dir / f"{name}.ipynb"
         values = chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json"))
         values_of[name] = check_values(name, values, parameter_types(path), declared_checks(path))
+    if profile == "rehearsal":  # random-weight stand-ins of the hub models, read where downloaded copies would be
+        from medvqa.core import cache_root
+        from medvqa.models import write_rehearsal_models
+        os.environ["MEDVQA_MODELS"] = str(write_rehearsal_models(cache_root() / "rehearsal-models"))
+        print(f"rehearsal: hub models are random-weight stand-ins in MEDVQA_MODELS={os.environ['MEDVQA_MODELS']}")
     unavailable = unavailable_models({name: {**parameter_defaults(declared[name]), **values_of[name]} for name in names})
     if unavailable:
         raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))

@@ -99,6 +99,8 @@ def test_bleu1_and_rouge1_on_known_pairs():
 def test_bertscore_offline_and_text_metrics():
     same, other = bert_scores(["left lung", "left lung"], ["left lung", "liver"], "minilm")
     assert same == pytest.approx(1.0, abs=1e-4) and other < same
+    # an empty generation (possible for any LM; every answer of a random-weight one) scores 0, the rest as before
+    assert bert_scores(["", "left lung", "  "], ["liver", "left lung", "spleen"], "minilm") == [0.0, pytest.approx(same), 0.0]
     metrics = text_metrics(["left lung"], ["left lung"], None)
     assert metrics == {"bleu1": pytest.approx(1.0), "rouge1": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="2 predictions for 1 references"):

@@ -338,3 +338,25 @@ def test_a_downloaded_copy_in_medvqa_models_is_loaded_in_the_asked_dtype(tmp_pat
     monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path / "elsewhere"))
     with pytest.raises(ModelUnavailableError, match=r"\$MEDVQA_MODELS/llama-3.2-1b"):
         load_causal_lm("llama-3.2-1b")
+
+
+def test_rehearsal_standins_keep_the_hub_models_kind_and_layout(tmp_path, monkeypatch):
+    """Llama 3.2's grouped-query heads, LLaMA-13B's full heads and GPT-2's class, loaded through MEDVQA_MODELS."""
+    from medvqa.models import HUB_ARCHITECTURES, load_causal_lm, load_text_encoder, write_rehearsal_models
+    write_rehearsal_models(tmp_path, ["llama-3.2-1b", "pmc-llama-13b", "gpt2-xl", "pubmedbert"], lm_width=128, layers=1)
+    monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    llama, tok = load_causal_lm("llama-3.2-1b")
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.config.num_hidden_layers == 1
+    assert (llama.config.num_attention_heads, llama.config.num_key_value_heads) == (2, 1)  # grouped-query, as Llama 3.2
+    pmc, _ = load_causal_lm("pmc-llama-13b")
+    assert pmc.config.num_key_value_heads == pmc.config.num_attention_heads and not pmc.config.tie_word_embeddings
+    gpt2, _ = load_causal_lm("gpt2-xl")
+    assert type(gpt2).__name__ == "GPT2LMHeadModel" and gpt2.config.n_embd == 128
+    assert llama.config.vocab_size == len(tok) and llama(**tok(["is there a fracture?"], return_tensors="pt")).logits.isfinite().all()
+    bert = load_text_encoder("pubmedbert")
+    assert bert.model.config.hidden_size == HUB_ARCHITECTURES["pubmedbert"]["hidden_size"]
+    assert bert(["left lung"]).embedding.shape == (1, 768)
+    stamp = (tmp_path / "llama-3.2-1b" / "config.json").stat().st_mtime
+    write_rehearsal_models(tmp_path, ["llama-3.2-1b"])  # already there: kept
+    assert (tmp_path / "llama-3.2-1b" / "config.json").stat().st_mtime == stamp

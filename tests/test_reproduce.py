@@ -296,3 +296,24 @@ def test_plan_names_the_sharding_config_when_a_chapter_does_not_fit():
 def test_readme_plan_is_the_generators_output():
     table = rep.plan_table(rep.gpu_plan(rep.profile_values_of("full", ["04", "05", "06", "07", "08"])))
     assert table in (project_root() / "README.md").read_text(), "regenerate: medvqa reproduce --profile full --plan"
+
+
+def test_rehearsal_is_full_with_every_reduction_marked():
+    """profiles/rehearsal.yaml keeps full's values except where a comment names the full value it reduces."""
+    full = load_profile("full")
+    lines = (project_root() / "profiles" / "rehearsal.yaml").read_text().splitlines()
+    rehearsal = load_profile("rehearsal")
+    assert set(rehearsal) == set(full)
+    for line in lines:
+        if ":" not in line or line.startswith("#"):
+            continue
+        key = line.split(":", 1)[0]
+        if key == "profile":
+            continue
+        if rehearsal[key] != full[key]:
+            assert f"# full: " in line, f"{key} differs from full without saying so"
+            stated = line.split("# full: ", 1)[1].strip()
+            assert rep._parse_value(stated) == full[key] or stated == str(full[key]), key
+    for key in ("image_size", "image_encoder", "text_encoder", "fusion_lm", "vqa_lm", "mixed_precision",
+                "gradient_checkpointing", "fusion_accumulate"):  # the code paths that make it a rehearsal of full
+        assert rehearsal[key] == full[key], key
