@@ -27,10 +27,10 @@ __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'HUB_ARCHITECTURES', '
            'require_files', 'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder',
            'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
            'SmallViT', 'SmallCNN', 'OpenClipImageEncoder', 'build_image_encoder', 'load_image_encoder',
-           'biomedclip_config', 'write_open_clip_folder', 'hub_architecture', 'smollm2_package_folder',
-           'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData',
-           'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for', 'write_rehearsal_models',
-           'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'biomedclip_config', 'copy_tokenizer_files', 'write_open_clip_folder', 'hub_architecture',
+           'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer',
+           'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for',
+           'write_rehearsal_models', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
         ident = f"local-dir:{folder}"
     else:
         ok, why = hub_reachable()
-        cached = _open_clip_cached(spec.hub_id)
+        cached = _hub_cached(spec)
         if not ok and not cached:
             raise ModelUnavailableError(f"{spec.name!r} (hf-hub:{spec.hub_id}) is not cached and cannot be "
                                         f"downloaded: {why}. Put a copy in $MEDVQA_MODELS/{spec.name}, pass local_dir=<folder> "
@@ -190,14 +190,6 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
     model = open_clip.create_model(ident, pretrained=None)
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg
-
-
-def _open_clip_cached(hub_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(hub_id, "open_clip_config.json"), str)
-    except Exception:
-        return False
 
 
 class OpenClipTextEncoder(nn.Module):
@@ -399,6 +391,13 @@ def biomedclip_config(text_model_dir: str | Path) -> dict:
                                "std": [0.26862954, 0.26130258, 0.27577711]}}
 
 
+def copy_tokenizer_files(source: str | Path, dest: str | Path) -> None:
+    """Copy a Hugging Face tokenizer's files (tokenizer*, vocab.txt, special_tokens_map.json) from `source` to `dest`."""
+    for f in Path(source).iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
+            shutil.copy(f, Path(dest) / f.name)
+
+
 def write_open_clip_folder(folder: str | Path, config: dict, text_model_dir: str | Path | None = None) -> Path:
     """Write an open_clip `local-dir:` folder (config, tokenizer files, random-init safetensors weights)."""
     import open_clip
@@ -407,9 +406,7 @@ def write_open_clip_folder(folder: str | Path, config: dict, text_model_dir: str
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     if text_model_dir is not None:
-        for f in Path(text_model_dir).iterdir():
-            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
-                shutil.copy(f, folder / f.name)
+        copy_tokenizer_files(text_model_dir, folder)
     model = open_clip.create_model(f"local-dir:{folder}", pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
@@ -696,9 +693,7 @@ def _bert_standin(folder: Path, layers: int) -> Path:
     sizes = {**HUB_ARCHITECTURES["pubmedbert"], "num_hidden_layers": layers}
     torch.manual_seed(0)
     AutoModel.from_config(AutoConfig.for_model(**sizes)).save_pretrained(folder)
-    for f in minilm_folder().iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
-            shutil.copy(f, folder / f.name)
+    copy_tokenizer_files(minilm_folder(), folder)
     return folder
 
 

@@ -28,9 +28,9 @@ from .core import atomic_path, load_profile, project_root, to_builtin, write_jso
 __all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS', 'list_chapters',
            'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types',
            'declared_checks', 'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value',
-           'ChapterRun', 'run_chapter', 'profile_values_of', 'parameter_defaults', 'unavailable_models', 'reproduce',
-           'write_summary', 'read_summary', 'results_rows', 'results_table', 'results_reading', 'effects_table',
-           'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main']
+           'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
+           'unavailable_models', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
+           'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -229,21 +229,28 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
     return ChapterRun(notebook.stem, "failed" if error else "passed", round(seconds, 1), str(out_nb), error, metrics)
 
 
-def profile_values_of(profile: str, chapters: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
-                      nbs_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Every chosen chapter's parameter values under `profile` (defaults, then the profile, then the overrides), checked."""
+def checked_values(profile_values: dict[str, Any], chapters: Sequence[str] | None = None,
+                   overrides: dict[str, Any] | None = None, nbs_dir: str | Path | None = None
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """({chapter: declared parameters}, {chapter: the checked values to inject}) of the chosen chapters."""
     nbs_dir = Path(nbs_dir or project_root() / "nbs")
-    profile_values, overrides = load_profile(profile), overrides or {}
+    overrides = overrides or {}
     names = resolve_chapters(chapters, list_chapters(nbs_dir))
     declared = {name: notebook_parameters(nbs_dir / f"{name}.ipynb") for name in names}
     check_overrides(overrides, declared)
-    out = {}
+    injected = {}
     for name in names:
         path = nbs_dir / f"{name}.ipynb"
-        values = check_values(name, chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json")),
-                              parameter_types(path), declared_checks(path))
-        out[name] = {**parameter_defaults(declared[name]), **values}
-    return out
+        values = chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json"))
+        injected[name] = check_values(name, values, parameter_types(path), declared_checks(path))
+    return declared, injected
+
+
+def profile_values_of(profile: str, chapters: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
+                      nbs_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every chosen chapter's parameter values under `profile` (defaults, then the profile, then the overrides), checked."""
+    declared, injected = checked_values(load_profile(profile), chapters, overrides, nbs_dir)
+    return {name: {**parameter_defaults(declared[name]), **injected[name]} for name in declared}
 
 
 def parameter_defaults(declared: dict[str, Any]) -> dict[str, Any]:
@@ -283,15 +290,8 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     """Run chapters headless with a profile; write executed notebooks, metrics and the summary."""
     nbs_dir = Path(nbs_dir or project_root() / "nbs")
     profile_values = load_profile(profile) if profile_values is None else profile_values
-    overrides = overrides or {}
-    names = resolve_chapters(chapters, list_chapters(nbs_dir))
-    declared = {name: notebook_parameters(nbs_dir / f"{name}.ipynb") for name in names}
-    check_overrides(overrides, declared)
-    values_of = {}  # every chapter's values are checked before the first one runs
-    for name in names:
-        path = nbs_dir / f"{name}.ipynb"
-        values = chapter_parameters(declared[name], profile_values, overrides, Path("metrics.json"))
-        values_of[name] = check_values(name, values, parameter_types(path), declared_checks(path))
+    declared, values_of = checked_values(profile_values, chapters, overrides, nbs_dir)  # all before the first chapter runs
+    names = list(declared)
     if profile == "rehearsal":  # random-weight stand-ins of the hub models, read where downloaded copies would be
         from medvqa.core import cache_root
         from medvqa.models import write_rehearsal_models
@@ -479,10 +479,6 @@ PLAN_ASSUMPTIONS = {
 }
 
 
-def _count(model: torch.nn.Module) -> tuple[int, int]:
-    return (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
 def activation_bytes(layers: int, micro_batch: int, tokens: int, hidden: int, checkpointing: bool) -> float:
     """16-bit activations a Transformer keeps for backward (Korthikanti et al. 2022: 34·s·b·h per layer without the
     attention scores, which SDPA does not store); with checkpointing, each layer's input plus one layer in full."""
@@ -506,10 +502,22 @@ def gpu_plan(values_of: dict[str, dict[str, Any]], assumptions: dict[str, Any] |
     from medvqa.coregularized import CoRegConfig, CoRegularizedModel
     from medvqa.gated_fusion import FusionVQA, GatedFusion
     from medvqa.knowledge_vqa import KnowledgeVQA
-    from medvqa.models import MODELS, apply_lora, hub_architecture
+    from medvqa.models import MODELS, apply_lora, count_parameters, hub_architecture
     a = {**PLAN_ASSUMPTIONS, **(assumptions or {})}
     rows = []
     steps = lambda samples, batch, epochs: max(1, samples // batch) * epochs
+    _count = lambda model: tuple(count_parameters(model).values())  # (total, trainable)
+
+    def lm_row(chapter: str, label: str, model: torch.nn.Module, v: dict[str, Any], accumulate: int, runs: float,
+               per_run: int) -> dict[str, Any]:
+        """A frozen LLM with LoRA and trained projectors: 4x FLOPs through the frozen part (+2x when recomputed), 6x trained."""
+        total, trained = _count(model)
+        frozen, config = total - trained, model.lm.config
+        tokens, micro = a["lm_tokens"][chapter], v["batch_size"] // accumulate
+        flops = ((4 + (2 if v["gradient_checkpointing"] else 0)) * frozen + 6 * trained) * v["batch_size"] * tokens
+        weights = (2 if v["mixed_precision"] == "bf16" else 4) * frozen + 4 * trained
+        acts = activation_bytes(config.num_hidden_layers, micro, tokens, config.hidden_size, bool(v["gradient_checkpointing"]))
+        return _row(chapter, label, total, trained, runs, per_run, flops, weights, acts, a["mfu_llm"])
 
     def encoder(name: str) -> torch.nn.Module:
         return hub_architecture(name) if MODELS[name].source == "hub" else None
@@ -548,36 +556,20 @@ def gpu_plan(values_of: dict[str, dict[str, Any]], assumptions: dict[str, Any] |
                              4 * total, acts, a["mfu_small"]))
         if (v := values_of.get("07_gated_fusion")) is not None and MODELS[v["fusion_lm"]].source == "hub":
             lm = apply_lora(hub_architecture(v["fusion_lm"]).requires_grad_(False), "biod2c", v["fusion_lora_dropout"])
-            width, layers = lm.config.hidden_size, lm.config.num_hidden_layers
             side = v["visual_side"] or 14
-            fusion = GatedFusion(768, width, side, min(v["scales"], 1 + int(math.log2(side))), v["fusion_layers"], 8,
-                                 v["beta_init"], True, v["fusion_dim"] or None, v["fusion_dropout"])
-            total, trained = _count(FusionVQA(lm, fusion))
-            t, micro = a["lm_tokens"]["07_gated_fusion"], v["batch_size"] // v["fusion_accumulate"]
-            recompute = 2 if v["gradient_checkpointing"] else 0
-            frozen = total - trained
-            flops = ((4 + recompute) * frozen + 6 * trained) * v["batch_size"] * t
+            fusion = GatedFusion(768, lm.config.hidden_size, side, min(v["scales"], 1 + int(math.log2(side))),
+                                 v["fusion_layers"], 8, v["beta_init"], True, v["fusion_dim"] or None, v["fusion_dropout"])
             per_run = (steps(a["train_images"], v["batch_size"], v["caption_epochs"])
                        + steps(a["train_questions"], v["batch_size"], v["fusion_epochs"]))
-            bytes_per = 2 if v["mixed_precision"] == "bf16" else 4
-            rows.append(_row("07_gated_fusion", f"{v['fusion_lm']} + LoRA + gated fusion", total, trained, 3 * v["seeds"],
-                             per_run, flops, bytes_per * frozen + 4 * trained,
-                             activation_bytes(layers, micro, t, width, bool(v["gradient_checkpointing"])), a["mfu_llm"]))
+            rows.append(lm_row("07_gated_fusion", f"{v['fusion_lm']} + LoRA + gated fusion", FusionVQA(lm, fusion), v,
+                               v["fusion_accumulate"], 3 * v["seeds"], per_run))
         if (v := values_of.get("08_knowledge_vqa")) is not None and MODELS[v["vqa_lm"]].source == "hub":
             lm = apply_lora(hub_architecture(v["vqa_lm"]).requires_grad_(False), "bamco", v["lora_dropout"])
-            width, layers = lm.config.hidden_size, lm.config.num_hidden_layers
             space = KnowledgeSpace(512, 512, a["knowledge_classes"], values_of.get("04_balanced_contrastive", {}).get("embed_dim", 512))
-            total, trained = _count(KnowledgeVQA(lm, space, 768, v["prefix_order"], v["pool"]))
-            t, micro = a["lm_tokens"]["08_knowledge_vqa"], v["batch_size"] // v["vqa_accumulate"]
-            recompute = 2 if v["gradient_checkpointing"] else 0
-            frozen = total - trained
-            flops = ((4 + recompute) * frozen + 6 * trained) * v["batch_size"] * t
             variants = len([x for x in str(v["knowledge_variants"]).split(",") if x.strip()]) + 1  # + image tokens only
-            bytes_per = 2 if v["mixed_precision"] == "bf16" else 4
-            rows.append(_row("08_knowledge_vqa", f"{v['vqa_lm']} + LoRA + knowledge prefix", total, trained, variants * v["seeds"],
-                             steps(a["train_questions"], v["batch_size"], v["vqa_epochs"]), flops,
-                             bytes_per * frozen + 4 * trained,
-                             activation_bytes(layers, micro, t, width, bool(v["gradient_checkpointing"])), a["mfu_llm"]))
+            rows.append(lm_row("08_knowledge_vqa", f"{v['vqa_lm']} + LoRA + knowledge prefix",
+                               KnowledgeVQA(lm, space, 768, v["prefix_order"], v["pool"]), v, v["vqa_accumulate"],
+                               variants * v["seeds"], steps(a["train_questions"], v["batch_size"], v["vqa_epochs"])))
     return rows
 
 
