@@ -172,6 +172,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
         enable_gradient_checkpointing(model)
     _, frozen = split_state(model, trainable)
     frozen_id = {"parameters": len(frozen), "fingerprint": state_fingerprint(frozen)}  # what the trained part sits on
+    start_prints = {name: state_fingerprint({name: t}) for name, t in frozen.items()}  # to see frozen tensors that move
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # the loader is sharded over processes
     micro_per_epoch = len(loader)
@@ -193,7 +194,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
             raise ValueError(f"{ckpt_path}: trained on other frozen weights {state['config'].get('frozen')} than this "
                              f"model's {frozen_id}; load the same base model or use a new run_dir")
         missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
-        if unexpected or set(missing) != set(frozen):
+        if unexpected or not set(missing) <= set(frozen):
             raise ValueError(f"{ckpt_path}: its trained tensors do not fit this model "
                              f"(unexpected {sorted(unexpected)[:5]}, not restored {sorted(set(missing) - set(frozen))[:5]})")
         optimizer.load_state_dict(state["optimizer"])
@@ -204,7 +205,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
 
     def checkpoint() -> None:
         if ckpt_path is not None and accelerator.is_main_process:
-            kept, _ = split_state(unwrapped, trainable)  # the frozen base is named by frozen_id, never copied
+            kept, now = split_state(unwrapped, trainable)  # the frozen base is named by frozen_id, never copied ...
+            kept.update({n: t for n, t in now.items() if state_fingerprint({n: t}) != start_prints[n]})  # ... unless it moved (EMA)
             save_checkpoint(ckpt_path, step=step, config={"train": config.resume_key(), "frozen": frozen_id},
                             model=kept, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history)
         accelerator.wait_for_everyone()

@@ -281,3 +281,28 @@ def test_two_processes_log_what_one_process_with_the_global_batch_logs(tmp_path)
     for p, q in zip(one_model.parameters(), two["weights"]):
         assert p.detach().reshape(-1).tolist() == pytest.approx(q, rel=1e-4, abs=1e-6)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_frozen_parameters_that_move_during_training_are_checkpointed(tmp_path):
+    """A momentum (EMA) copy has requires_grad=False but changes: a resumed run must restore it."""
+    class WithMomentum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            seed_everything(0)
+            self.online, self.momentum = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+            self.momentum.requires_grad_(False)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        with torch.no_grad():
+            for m, o in zip(model.momentum.parameters(), model.online.parameters()):
+                m.mul_(0.9).add_(0.1 * o)
+        return torch.nn.functional.mse_loss(model.online(x) + model.momentum(x), y)
+
+    whole = WithMomentum()
+    fit(whole, loss_fn, _data(), CFG)
+    fit(WithMomentum(), loss_fn, _data(), replace(CFG, stop_after_steps=7), run_dir=tmp_path)
+    resumed = WithMomentum()
+    fit(resumed, loss_fn, _data(), CFG, run_dir=tmp_path)
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
