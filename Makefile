@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medvqa-installed
 KERNEL := medvqa
 PROFILE ?= smoke
 
-.PHONY: venv reproduce test lab export clean-nbs
+.PHONY: venv reproduce test lab export clean-nbs book
 
 $(STAMP): requirements.txt setup.py settings.ini pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ venv: $(STAMP)
 
 reproduce: venv
 	$(BIN)/medvqa reproduce --profile $(PROFILE) --kernel $(KERNEL)
+
+# an HTML site of the executed chapters of the last `make reproduce` (book/<profile>/index.html)
+book: venv
+	$(BIN)/medvqa book --results results/$(PROFILE) --out book/$(PROFILE)
 
 test: venv
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider

@@ -54,10 +54,10 @@ def balanced_contrastive_loss(views: torch.Tensor, labels: torch.Tensor, prototy
     is_self[:, :n_anchors] = torch.eye(n_anchors, dtype=torch.bool, device=s.device)
     positive = (y[:n_anchors, None] == y[None, :]) & ~is_self  # [BV, BV + C]  P(i)
     class_size = torch.bincount(y, minlength=C).to(s.dtype)  # N_c = V * count + 1
-    weight = class_size[y][None, :] - positive.to(s.dtype)  # w_ij = N_{y_j} - [y_j = y_i]  (Eq. 1 class averaging)
+    weight = class_size[y][None, :] - positive.to(s.dtype)  # w_ij = N_{y_j} - [y_j = y_i]  (BaMCo Eq. 1 class averaging)
     log_den = torch.logsumexp((s - weight.log()).masked_fill(is_self, float("-inf")), dim=1)  # log Den_i
     log_prob = s - log_den[:, None]
-    per_anchor = -(log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)  # Eq. 1 mean over positives
+    per_anchor = -(log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)  # BaMCo Eq. 1 mean over positives
     return per_anchor.mean()
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c016
@@ -145,7 +145,7 @@ def encoders_share_space(image_encoder: str, text_encoder: str) -> bool:
 def bamco_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, class_counts: torch.Tensor,
                temperature: float = 0.07, tau: float = 1.0, ce_weight: float = 0.5,
                contrastive_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = lambda * L_CE + mu * mean of Eq. 1 over (image, text), (image, intra), (intra, text); lambda = mu = 0.5."""
+    """L = lambda * L_CE + mu * mean of BaMCo Eq. 1 over (image, text), (image, intra), (intra, text); lambda = mu = 0.5."""
     pairs = [("image", "text"), ("image", "intra"), ("intra", "text")]
     contrastive = torch.stack([balanced_contrastive_loss(torch.stack([out[a], out[b]], dim=1), labels,
                                                          out["prototypes"], temperature) for a, b in pairs]).mean()

@@ -19,9 +19,9 @@ from .core import cpu_attention_kernel
 # %% auto #0
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
            'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights',
-           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'load_images', 'PretrainingData',
-           'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_hits',
-           'answer_accuracy']
+           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'load_image_files', 'load_images',
+           'PretrainingData', 'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss',
+           'answer_hits', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -31,7 +31,7 @@ def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> 
     if a.shape[0] < 2:
         raise ValueError("contrastive needs a batch of at least 2 pairs (with 1 there is no negative)")
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature  # [N, N] sim(a_i, b_j) / tau
-    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))  # Eq. 7
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))  # CMDPI Eq. 7
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c011
 def patchify(images: torch.Tensor, patch: int = 8) -> torch.Tensor:
@@ -169,7 +169,7 @@ class CoRegularizedModel(nn.Module):
         self.shared_local = nn.Parameter(torch.randn(c.dim) * 0.02)  # h~ of local reconstruction
         self.rec_pos = nn.Parameter(torch.randn(1, 1 + c.n_patches + c.text_length - 1, c.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(c.dim, c.heads, 4 * c.dim, dropout=c.dropout, activation="gelu",
-                                           batch_first=True, norm_first=False)  # Eq. 3: post-norm, GELU
+                                           batch_first=True, norm_first=False)  # CMDPI Eq. 3: post-norm, GELU
         self.recnet = nn.TransformerEncoder(layer, c.recnet_layers, enable_nested_tensor=False)
         self.ffn_image = nn.Linear(c.dim, 3 * c.patch ** 2)  # FFN_I
         self.ffn_text = nn.Linear(c.dim, c.vocab_size)  # FFN_T
@@ -178,7 +178,7 @@ class CoRegularizedModel(nn.Module):
         self.momentum_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
 
     def encode(self, patches, tokens, image_mask=None, text_mask=None, momentum: bool = False):
-        """Eq. 1 (or its masked form, Eq. 2): (h_I, H_I, h_T, H_T)."""
+        """CMDPI Eq. 1 (or its masked form, CMDPI Eq. 2): (h_I, H_I, h_T, H_T)."""
         img_enc, txt_enc = (self.momentum_image, self.momentum_text) if momentum else (self.image_encoder, self.text_encoder)
         text_in = tokens[:, 1:]  # the [HEAD] id is replaced by the encoder's own head token
         h_i, H_i = img_enc(patches, image_mask)
@@ -189,7 +189,7 @@ class CoRegularizedModel(nn.Module):
         return self.fusion(torch.cat([h_i, h_t], -1))  # h_F
 
     def reconstruct(self, h: torch.Tensor, H_i: torch.Tensor, H_t: torch.Tensor, text_padding=None):
-        """Eq. 3-4: (image patches [B, N, 3p^2], text logits [B, M, V], answer logits [B, A]) from [h, H_I, H_T]."""
+        """CMDPI Eq. 3-4: (image patches [B, N, 3p^2], text logits [B, M, V], answer logits [B, A]) from [h, H_I, H_T]."""
         v = torch.cat([h[:, None], H_i, H_t], 1) + self.rec_pos[:, : 1 + H_i.shape[1] + H_t.shape[1]]
         pad = None
         if text_padding is not None:
@@ -221,7 +221,7 @@ class PretrainWeights:
 def image_text_reconstruction(out_i: torch.Tensor, out_t: torch.Tensor, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """MSE of the rebuilt patches + cross-entropy of the rebuilt real text tokens (not padding, not the [ANS] slot).
 
-    The image and text terms of Eq. 5 (pre-training) and of Eq. 10 (difference reconstruction, chapter 06)."""
+    The image and text terms of CMDPI Eq. 5 (pre-training) and of CMDPI Eq. 10 (difference reconstruction, chapter 06)."""
     real = (text != CompactVocabulary.PAD) & (text != CompactVocabulary.ANS)
     return F.mse_loss(out_i, patches) + F.cross_entropy(out_t[real], text[real])  # L_img + L_txt
 
@@ -240,18 +240,18 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
     padding = text == CompactVocabulary.PAD
     text_mask = random_mask(~padding & (text != CompactVocabulary.ANS), mask_ratio, generator)
     image_mask = random_mask(torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device), mask_ratio, generator)
-    h_i, _, h_t, _ = model.encode(patches, tokens)  # unmasked: Eq. 1
-    _, Hm_i, _, Hm_t = model.encode(patches, tokens, image_mask, text_mask)  # masked: Eq. 2
+    h_i, _, h_t, _ = model.encode(patches, tokens)  # unmasked: CMDPI Eq. 1
+    _, Hm_i, _, Hm_t = model.encode(patches, tokens, image_mask, text_mask)  # masked: CMDPI Eq. 2
     h_f = model.global_vector(h_i, h_t)
     parts, total = {}, torch.zeros((), device=patches.device)
     has_answer = answer >= 0
     for name, h, w in (("global", h_f, weights.global_rec), ("local", model.shared_local.expand_as(h_f), weights.local_rec)):
         if w == 0:
             continue
-        out_i, out_t, out_a, _ = model.reconstruct(h, Hm_i, Hm_t, padding)  # Eq. 2-4
+        out_i, out_t, out_a, _ = model.reconstruct(h, Hm_i, Hm_t, padding)  # CMDPI Eq. 2-4
         rec = image_text_reconstruction(out_i, out_t, patches, text)  # L_img + L_txt
         if has_answer.any():
-            rec = rec + F.cross_entropy(out_a[has_answer], answer[has_answer])  # L_ans  (Eq. 5)
+            rec = rec + F.cross_entropy(out_a[has_answer], answer[has_answer])  # L_ans  (CMDPI Eq. 5)
         parts[f"rec_{name}"] = rec.item()
         total = total + w * rec
     captions = is_caption.bool()
@@ -259,13 +259,13 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
         if weights.inter:
             c_inter = contrastive(h_i[captions], h_t[captions], temperature) + contrastive(h_t[captions], h_i[captions], temperature)
             parts["inter"] = c_inter.item()
-            total = total + weights.inter * c_inter  # alpha * C_inter  (Eq. 6)
+            total = total + weights.inter * c_inter  # alpha * C_inter  (CMDPI Eq. 6)
         if weights.intra:
             with torch.no_grad():
                 mh_i, _, mh_t, _ = model.encode(patches, tokens, image_mask, text_mask, momentum=True)
             c_intra = contrastive(h_i[captions], mh_i[captions], temperature) + contrastive(h_t[captions], mh_t[captions], temperature)
             parts["intra"] = c_intra.item()
-            total = total + weights.intra * c_intra  # alpha' * C_intra  (Eq. 6)
+            total = total + weights.intra * c_intra  # alpha' * C_intra  (CMDPI Eq. 6)
     return total, parts
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c019
@@ -286,16 +286,20 @@ def derived_captions(records) -> dict[str, str]:
     return captions
 
 
-def load_images(records, image_size: int) -> dict[str, torch.Tensor]:
-    """{image_id: [3, S, S] tensor} for every distinct image of `records` (normalised as in `image_transform`)."""
+def load_image_files(paths: dict[str, Path], image_size: int) -> dict[str, torch.Tensor]:
+    """{image_id: [3, S, S] tensor} of {image_id: file} (normalised as in `image_transform`)."""
     from PIL import Image
     from medvqa.data import image_transform
     to_tensor, images = image_transform(image_size), {}
-    for r in records:
-        if r.image_id not in images:
-            with Image.open(r.image_path) as im:
-                images[r.image_id] = to_tensor(im.convert("RGB"))
+    for image_id, path in paths.items():
+        with Image.open(path) as im:
+            images[image_id] = to_tensor(im.convert("RGB"))
     return images
+
+
+def load_images(records, image_size: int) -> dict[str, torch.Tensor]:
+    """{image_id: [3, S, S] tensor} for every distinct image of `records`."""
+    return load_image_files({r.image_id: r.image_path for r in records}, image_size)
 
 
 class PretrainingData(torch.utils.data.Dataset):

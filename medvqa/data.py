@@ -23,18 +23,19 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from .core import atomic_folder, atomic_path, cache_root, check_choice, data_root
+from .core import atomic_folder, atomic_path, cache_root, check_choice, check_range, data_root
 
 # %% auto #0
 __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
            'MISSING_IMAGE_POLICIES', 'VQA_RAD_PHRASES', 'SLAKE_FILES', 'HF_DATASETS', 'MODALITIES', 'REGIONS', 'ORGANS',
-           'ORGAN_GREY', 'FINDINGS', 'MASK_CODES', 'ORGAN_FACTS', 'FINDING_FACTS', 'SYNTHETIC_VERSION', 'IGNORE_INDEX',
-           'VQARecord', 'DatasetError', 'canonical_split', 'normalize_answer', 'dataset_root', 'find_files',
-           'verify_images', 'load_vqa_rad', 'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet',
-           'download', 'draw_scene', 'sample_scene', 'scene_questions', 'scene_caption', 'write_knowledge_graph',
-           'generate_synthetic', 'synthetic_root', 'load_split', 'split_overlap', 'image_transform',
-           'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords',
-           'LearnabilityProbe']
+           'ORGAN_GREY', 'FINDINGS', 'MASK_CODES', 'ORGAN_FACTS', 'FINDING_FACTS', 'SYNTHETIC_VERSION',
+           'SYNTHETIC_OPTIONS', 'IGNORE_INDEX', 'VQARecord', 'DatasetError', 'canonical_split', 'normalize_answer',
+           'dataset_root', 'find_files', 'verify_images', 'load_vqa_rad', 'load_slake', 'read_plain_pickle',
+           'load_pathvqa', 'load_hf_parquet', 'download', 'draw_scene', 'sample_scene', 'scene_questions',
+           'scene_caption', 'write_knowledge_graph', 'generate_synthetic', 'parse_synthetic_options',
+           'unlabelled_training_images', 'synthetic_name', 'synthetic_root', 'load_split', 'split_overlap',
+           'image_transform', 'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset', 'collate_vqa',
+           'QuestionBagOfWords', 'LearnabilityProbe']
 
 # %% ../nbs/01_data.ipynb #c008
 @dataclass
@@ -534,11 +535,12 @@ def _place_lesions(rng: np.random.Generator, organ_box: tuple, count: int, radiu
     return placed
 
 
-def sample_scene(rng: np.random.Generator, image_id: int, finding: str | None = None) -> dict:
+def sample_scene(rng: np.random.Generator, image_id: int, finding: str | None = None, lesion_scale: float = 1.0) -> dict:
     """Draw a random scene: modality, region, organ jitter, findings and a noise seed.
 
     With `finding`, the scene always shows that finding (modality and region are redrawn until they allow it): the
-    balanced validation images. Without it, a finding appears with probability 0.6, by the long-tailed frequencies."""
+    balanced validation images. Without it, a finding appears with probability 0.6, by the long-tailed frequencies.
+    `lesion_scale` multiplies the radius of small lesions (0.5: findings a few pixels wide that need fine features)."""
     if finding is not None and finding not in FINDINGS:
         raise ValueError(f"unknown finding {finding!r}; known: {', '.join(FINDINGS)}")
     while True:
@@ -558,7 +560,7 @@ def sample_scene(rng: np.random.Generator, image_id: int, finding: str | None = 
         organ_choices = [o for o in FINDINGS[finding][1] if o in organs]
         organ = organ_choices[rng.integers(len(organ_choices))]
         large = finding == "Mass" or rng.random() < 0.4
-        radius = float(rng.uniform(0.075, 0.09) if large else rng.uniform(0.03, 0.042))
+        radius = float(rng.uniform(0.075, 0.09) if large else lesion_scale * rng.uniform(0.03, 0.042))
         count = 1 if large else int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         for cx, cy in _place_lesions(rng, ORGANS[region][organ], count, radius, jitter):
             scene["lesions"].append({"finding": finding, "organ": organ, "x": cx, "y": cy, "r": radius,
@@ -600,8 +602,12 @@ def _yes_no(flag: bool) -> str:
     return "Yes" if flag else "No"
 
 
-def scene_questions(scene: dict, rng: np.random.Generator) -> list[dict]:
-    """SLAKE-style QA (question, answer, answer_type, content_type, base_type) answered by the scene."""
+def scene_questions(scene: dict, rng: np.random.Generator, knowledge_questions: bool = False) -> list[dict]:
+    """SLAKE-style QA (question, answer, answer_type, content_type, base_type) answered by the scene.
+
+    `knowledge_questions` adds two questions whose answer is a knowledge-graph fact of what is drawn, never a thing
+    the pixels show: the body system of the abnormal organ and the usual cause of the finding (no random draws, so
+    every other question stays the same)."""
     modality, region, lesions = scene["modality"], scene["region"], scene["lesions"]
     organs = [o for o in ORGANS[region] if o in ORGAN_GREY[modality]]
     qa = [("What modality is used to take this image?", modality, "OPEN", "Modality")]
@@ -636,6 +642,10 @@ def scene_questions(scene: dict, rng: np.random.Generator) -> list[dict]:
     organ = organs[rng.integers(len(organs))]
     qa.append((f"What is the function of the {organ.lower()} shown in this image?" if organ in ORGAN_FACTS
                else "", ORGAN_FACTS.get(organ, {}).get("function", ""), "OPEN", "KG"))
+    if knowledge_questions and lesions:
+        qa.append(("Which body system does the abnormal organ belong to?", ORGAN_FACTS[lesions[0]["organ"]]["belong to"],
+                   "OPEN", "KG"))
+        qa.append(("What usually causes the abnormality in this image?", FINDING_FACTS[finding]["cause"], "OPEN", "KG"))
     return [{"question": q, "answer": a, "answer_type": t, "content_type": c,
              "base_type": "kvqa" if c == "KG" else "vqa"} for q, a, t, c in qa if q]
 
@@ -664,7 +674,7 @@ def write_knowledge_graph(folder: Path) -> None:
         (folder / name).write_text("\n".join(rows), encoding="utf-8")
 
 # %% ../nbs/01_data.ipynb #c036
-def _twin(scene: dict, rng: np.random.Generator, image_id: int) -> dict:
+def _twin(scene: dict, rng: np.random.Generator, image_id: int, lesion_scale: float = 1.0) -> dict:
     """A copy of `scene` with one lesion removed (or one small lesion added when it has none)."""
     twin = json.loads(json.dumps(scene))
     twin.update(image_id=image_id, twin_of=scene["image_id"])
@@ -674,37 +684,48 @@ def _twin(scene: dict, rng: np.random.Generator, image_id: int) -> dict:
         organs = [o for o in ORGANS[scene["region"]] if o in ORGAN_GREY[scene["modality"]]]
         options = [(f, o) for f in ("Nodule", "Calcification") for o in FINDINGS[f][1] if o in organs]
         finding, organ = options[int(rng.integers(len(options)))]
-        (cx, cy), = _place_lesions(rng, ORGANS[scene["region"]][organ], 1, 0.035, scene["jitter"])
-        twin["lesions"] = [{"finding": finding, "organ": organ, "x": cx, "y": cy, "r": 0.035, "size": "small"}]
+        r = 0.035 * lesion_scale
+        (cx, cy), = _place_lesions(rng, ORGANS[scene["region"]][organ], 1, r, scene["jitter"])
+        twin["lesions"] = [{"finding": finding, "organ": organ, "x": cx, "y": cy, "r": r, "size": "small"}]
     return twin
 
 
 def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, size: int = 128,
-                       twin_rate: float = 0.15, balanced_validation: int | None = None) -> Path:
+                       twin_rate: float = 0.15, balanced_validation: int | None = None, lesion_scale: float = 1.0,
+                       knowledge_questions: bool | int = False, labelled_fraction: float = 1.0) -> Path:
     """Generate the synthetic dataset (SLAKE layout) into `folder`; same arguments -> identical files.
 
     `balanced_validation` extra images (default n_images // 2) join the validate split only, each showing one
     finding type in turn (so every type is equally frequent): rare classes get enough held-out queries (chapter 04), while the train and test
-    splits stay exactly what they are without them."""
+    splits stay exactly what they are without them. `lesion_scale` and `knowledge_questions` are `sample_scene`'s and
+    `scene_questions`' options; `labelled_fraction` keeps the questions of that share of the training image groups
+    (drawn from its own stream): the others keep only their caption, so captions outnumber labelled images."""
     balanced_validation = n_images // 2 if balanced_validation is None else balanced_validation
     if balanced_validation < 0:
         raise ValueError(f"balanced_validation must be >= 0, got {balanced_validation}")
+    check_range("lesion_scale", lesion_scale, 0.2, 2.0)
+    check_range("labelled_fraction", labelled_fraction, 0.01, 1.0)
+    check_range("twin_rate", twin_rate, 0.0, 0.9)
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     scenes: list[dict] = []
     while len(scenes) < n_images:
-        scene = sample_scene(rng, len(scenes))
+        scene = sample_scene(rng, len(scenes), lesion_scale=lesion_scale)
         scenes.append(scene)
         if rng.random() < twin_rate and len(scenes) < n_images:
-            scenes.append(_twin(scene, rng, len(scenes)))
+            scenes.append(_twin(scene, rng, len(scenes), lesion_scale))
     groups = sorted({s["twin_of"] if s["twin_of"] is not None else s["image_id"] for s in scenes})
     order = rng.permutation(len(groups))
     n_train, n_val = int(0.7 * len(groups)), int(0.15 * len(groups))
     split_of_group = {groups[g]: ("train" if k < n_train else "validate" if k < n_train + n_val else "test")
                       for k, g in enumerate(order)}
+    train_groups = [g for g in groups if split_of_group[g] == "train"]
+    labelled_rng = np.random.default_rng([seed, 2])  # its own stream: with labelled_fraction 1 nothing changes
+    unlabelled = set() if labelled_fraction >= 1 else set(np.asarray(train_groups)[labelled_rng.permutation(len(train_groups))[
+        :len(train_groups) - max(1, round(labelled_fraction * len(train_groups)))]].tolist())
     balanced_rng = np.random.default_rng([seed, 1])  # its own stream: the images above do not change
     for k in range(balanced_validation):
-        scene = sample_scene(balanced_rng, len(scenes), finding=list(FINDINGS)[k % len(FINDINGS)])  # each type in turn
+        scene = sample_scene(balanced_rng, len(scenes), finding=list(FINDINGS)[k % len(FINDINGS)], lesion_scale=lesion_scale)  # each type in turn
         scene["balanced"] = True
         scenes.append(scene)
         split_of_group[scene["image_id"]] = "validate"
@@ -723,7 +744,10 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
             (tmp / "imgs" / name / "detection.json").write_text(json.dumps(boxes))
             captions[name] = scene_caption(scene)
             group = scene["twin_of"] if scene["twin_of"] is not None else scene["image_id"]
-            for item in scene_questions(scene, rng):
+            for item in scene_questions(scene, rng, bool(knowledge_questions)):
+                if group in unlabelled:  # drawn and numbered all the same, so the other questions do not change
+                    qid += 1
+                    continue
                 splits[split_of_group[group]].append({
                     "img_id": scene["image_id"], "img_name": f"{name}/source.png", "question": item["question"],
                     "answer": item["answer"], "q_lang": "en", "location": scene["region"], "modality": scene["modality"],
@@ -733,6 +757,9 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
         for split, rows in splits.items():
             (tmp / f"{split}.json").write_text(json.dumps(rows, indent=1))
         (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
+        if unlabelled:  # training images without questions: their captions are still training data (chapter 05)
+            ids = sorted(s["image_id"] for s in scenes if (s["twin_of"] if s["twin_of"] is not None else s["image_id"]) in unlabelled)
+            (tmp / "unlabelled_train_images.json").write_text(json.dumps([str(i) for i in ids]))
         (tmp / "scenes.json").write_text(json.dumps(scenes, indent=1))
         (tmp / "mask.txt").write_text("\n".join(f"{v}:{k}" for k, v in sorted(MASK_CODES.items(), key=lambda kv: kv[1])))
         write_knowledge_graph(tmp / "KG")
@@ -740,23 +767,59 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
 
 
 SYNTHETIC_VERSION = 3  # bump when the generator changes, so cached copies are regenerated
+SYNTHETIC_OPTIONS = {  # option -> (type, default, range): what `synthetic_options` may set
+    "lesion_scale": (float, 1.0, (0.2, 2.0)), "knowledge_questions": (int, 0, (0, 1)),
+    "labelled_fraction": (float, 1.0, (0.01, 1.0)), "twin_rate": (float, 0.15, (0.0, 0.9))}
 
 
-def synthetic_root(n_images: int = 480, seed: int = 0) -> Path:
-    """The cached synthetic dataset for (n_images, seed), generated on first use."""
-    folder = cache_root() / "synthetic" / f"v{SYNTHETIC_VERSION}-n{n_images}-seed{seed}"
+def parse_synthetic_options(text: str) -> dict[str, float | int]:
+    """'lesion_scale=0.5,knowledge_questions=1' -> the options that differ from their defaults (checked, sorted)."""
+    options: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SYNTHETIC_OPTIONS:
+            raise ValueError(f"synthetic_options: {item!r} is not key=value with a key among {', '.join(SYNTHETIC_OPTIONS)}")
+        kind, default, (low, high) = SYNTHETIC_OPTIONS[key]
+        try:
+            number = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+        except ValueError:
+            raise ValueError(f"synthetic_options: {key}={value.strip()!r} is not {'an int' if kind is int else 'a float'}") from None
+        check_range(f"synthetic_options {key}", number, low, high)
+        if number != default:
+            options[key] = number
+    return dict(sorted(options.items()))
+
+
+def unlabelled_training_images(folder: str | Path) -> dict[str, Path]:
+    """{image_id: image file} of the training images that `labelled_fraction` left without questions (empty by default)."""
+    path = Path(folder) / "unlabelled_train_images.json"
+    ids = json.loads(path.read_text()) if path.is_file() else []
+    return {i: Path(folder) / "imgs" / f"synth{i}" / "source.png" for i in ids}
+
+
+def synthetic_name(n_images: int = 480, seed: int = 0, options: str = "") -> str:
+    """'synthetic-n480-seed0', plus the options that differ from their defaults ('-lesion_scale0.5'): a cache key."""
+    return f"synthetic-n{n_images}-seed{seed}" + "".join(f"-{k}{v:g}" for k, v in parse_synthetic_options(options).items())
+
+
+def synthetic_root(n_images: int = 480, seed: int = 0, options: str = "") -> Path:
+    """The cached synthetic dataset for (n_images, seed, options), generated on first use; options get their own folder."""
+    name = synthetic_name(n_images, seed, options).removeprefix("synthetic-")
+    folder = cache_root() / "synthetic" / f"v{SYNTHETIC_VERSION}-{name}"
     if not (folder / "scenes.json").is_file():
-        generate_synthetic(folder, n_images, seed)
+        generate_synthetic(folder, n_images, seed, **parse_synthetic_options(options))
     return folder
 
 # %% ../nbs/01_data.ipynb #c039
 def load_split(name: str, split: str = "train", root: str | Path | None = None, *, language: str = "en",
                missing_images: str | None = None, layout: str = "auto", synthetic_images: int = 480,
-               seed: int = 0) -> list[VQARecord]:
-    """Records of dataset `name` ('synthetic', 'vqa-rad', 'slake', 'pathvqa') for one split."""
+               seed: int = 0, synthetic_options: str = "") -> list[VQARecord]:
+    """Records of dataset `name` ('synthetic', 'vqa-rad', 'slake', 'pathvqa') for one split (`synthetic_options`: see
+    `parse_synthetic_options`)."""
     check_choice("dataset", name, ("synthetic", "vqa-rad", "slake", "pathvqa"))
     if name == "synthetic":
-        base = Path(root) if root is not None else synthetic_root(synthetic_images, seed)
+        base = Path(root) if root is not None else synthetic_root(synthetic_images, seed, synthetic_options)
         return load_slake(base, split, language, missing_images or "error", name="synthetic")
     if name == "vqa-rad":
         return load_vqa_rad(root, split, layout, missing_images or "error")

@@ -139,23 +139,23 @@ class FineTuneData(torch.utils.data.Dataset):
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c026
 def deviate(H: torch.Tensor, H_partner: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
-    """Eq. 8: eps * H + (1 - eps) * H_partner, with eps a number or one value per sample [B]."""
+    """CMDPI Eq. 8: eps * H + (1 - eps) * H_partner, with eps a number or one value per sample [B]."""
     eps = torch.as_tensor(eps, dtype=H.dtype, device=H.device)
     eps = eps.reshape(-1, *([1] * (H.ndim - 1))) if eps.ndim else eps
-    return eps * H + (1 - eps) * H_partner  # Eq. 8
+    return eps * H + (1 - eps) * H_partner  # CMDPI Eq. 8
 
 
 def mix_heads(h: torch.Tensor, h_partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Eq. 11 (heads): lam * h_D + (1 - lam) * h_D_hat, one lam per sample [B]."""
-    return lam[:, None] * h + (1 - lam[:, None]) * h_partner  # Eq. 11
+    """CMDPI Eq. 11 (heads): lam * h_D + (1 - lam) * h_D_hat, one lam per sample [B]."""
+    return lam[:, None] * h + (1 - lam[:, None]) * h_partner  # CMDPI Eq. 11
 
 
 def mixed_targets(answer: torch.Tensor, answer_partner: torch.Tensor, lam: torch.Tensor, n_answers: int) -> torch.Tensor:
-    """Eq. 11 (labels): lam * onehot(Ans) + (1 - lam) * onehot(Ans_hat): [B, n_answers] rows summing to 1."""
+    """CMDPI Eq. 11 (labels): lam * onehot(Ans) + (1 - lam) * onehot(Ans_hat): [B, n_answers] rows summing to 1."""
     if (answer < 0).any() or (answer_partner < 0).any():
         raise ValueError("mixed_targets: answers must be indices into the answer list (>= 0)")
     one = F.one_hot(answer, n_answers).float()
-    return lam[:, None] * one + (1 - lam[:, None]) * F.one_hot(answer_partner, n_answers).float()  # Eq. 11
+    return lam[:, None] * one + (1 - lam[:, None]) * F.one_hot(answer_partner, n_answers).float()  # CMDPI Eq. 11
 
 
 @dataclass
@@ -195,39 +195,39 @@ class LambdaSampler:
 
 @dataclass
 class FineTuneWeights:
-    """Weights of Eq. 13 and which techniques are on (the ablation switches)."""
+    """Weights of CMDPI Eq. 13 and which techniques are on (the ablation switches)."""
     mix: float = 1.0  # weight of L_mix
     diff: float = 1.0  # weight of L_diff
-    difference: bool = True  # blend with a similar image (Eq. 8) and add L_diff (Eq. 10)
-    mixup: bool = True  # head mixup (Eq. 11-12); off: plain cross-entropy on h_D
+    difference: bool = True  # blend with a similar image (CMDPI Eq. 8) and add L_diff (CMDPI Eq. 10)
+    mixup: bool = True  # head mixup (CMDPI Eq. 11-12); off: plain cross-entropy on h_D
 
 
 def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeights = FineTuneWeights(),
                   lam: LambdaSampler = LambdaSampler()) -> tuple[torch.Tensor, dict[str, float]]:
-    """CMDPI fine-tuning loss (Eq. 8-13) for a `FineTuneData` batch; returns (loss, parts)."""
+    """The fine-tuning loss (CMDPI Eq. 8-13) for a `FineTuneData` batch; returns (loss, parts)."""
     patches, tokens, answer = batch["patches"], trim_text_padding(batch["tokens"]), batch["answer"]
     text = tokens[:, 1:]
     padding = text == CompactVocabulary.PAD
-    h_i, H_i, h_t, H_t = model.encode(patches, tokens)  # Eq. 1, unmasked
+    h_i, H_i, h_t, H_t = model.encode(patches, tokens)  # CMDPI Eq. 1, unmasked
     h_f = model.global_vector(h_i, h_t)
     if weights.difference:
-        _, H_partner = model.image_encoder(batch["partner_patches"])  # Eq. 8: H_I_hat
-        H_i = deviate(H_i, H_partner, torch.rand(len(patches)).to(patches.device))  # Eq. 8: eps ~ U[0, 1]
-    out_i, out_t, logits, h_d = model.reconstruct(h_f, H_i, H_t, padding)  # Eq. 8-9: H_o^d and its heads
+        _, H_partner = model.image_encoder(batch["partner_patches"])  # CMDPI Eq. 8: H_I_hat
+        H_i = deviate(H_i, H_partner, torch.rand(len(patches)).to(patches.device))  # CMDPI Eq. 8: eps ~ U[0, 1]
+    out_i, out_t, logits, h_d = model.reconstruct(h_f, H_i, H_t, padding)  # CMDPI Eq. 8-9: H_o^d and its heads
     parts, total = {}, torch.zeros((), device=patches.device)
     if weights.difference:
-        l_diff = image_text_reconstruction(out_i, out_t, patches, text)  # Eq. 10
+        l_diff = image_text_reconstruction(out_i, out_t, patches, text)  # CMDPI Eq. 10
         parts["diff"] = l_diff.item()
-        total = total + weights.diff * l_diff  # Eq. 13
+        total = total + weights.diff * l_diff  # CMDPI Eq. 13
     if weights.mixup:
         _, h_partner = answer_head(model, batch["mix_patches"], batch["mix_tokens"])  # h_D_hat, no deviation
         lam_values = lam.sample(len(patches)).to(patches.device)
-        targets = mixed_targets(answer, batch["mix_answer"], lam_values, model.config.n_answers)  # Eq. 11
-        l_ans = F.cross_entropy(model.ffn_answer(mix_heads(h_d, h_partner, lam_values)), targets)  # Eq. 12
+        targets = mixed_targets(answer, batch["mix_answer"], lam_values, model.config.n_answers)  # CMDPI Eq. 11
+        l_ans = F.cross_entropy(model.ffn_answer(mix_heads(h_d, h_partner, lam_values)), targets)  # CMDPI Eq. 12
     else:
         l_ans = F.cross_entropy(logits, answer)
     parts["answer"] = l_ans.item()
-    return total + weights.mix * l_ans, parts  # Eq. 13
+    return total + weights.mix * l_ans, parts  # CMDPI Eq. 13
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c031
 @torch.no_grad()

@@ -19,7 +19,7 @@ from .data import ANSWER_TYPES, normalize_answer
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
            'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap', 'image_use_report',
            'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary', 'effect_verdict', 'effects_lines',
-           'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
+           'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
            'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
@@ -241,6 +241,22 @@ def effects_lines(effects: Sequence[dict]) -> list[str]:
     return [f"{e['comparison']}: {100 * e['difference']:+.1f} points, 95 % interval [{100 * e['ci_low']:+.1f}, "
             f"{100 * e['ci_high']:+.1f}] ({e['seeds']} seeds x {e['questions']} questions on {e['clusters']} images); "
             f"{effect_verdict(e)}" for e in effects]
+
+
+def ablation_regime(per_question: dict[str, list], question_only: float, full_data: float, full_name: str) -> str:
+    """Where the ablation's models stand: their mean accuracy against the question-only baseline and against the
+    chapter's model trained on every question. Below the baseline, the models do not yet use the image, so no
+    image-side component can show an effect at that training size."""
+    means = {name: float(np.mean([np.mean(x) for x in runs])) for name, runs in per_question.items()}
+    low, high = min(means.values()), max(means.values())
+    where = ("below" if high < question_only else "above" if low > question_only else "around")
+    reading = {"below": "at this training size the models answer from the question, so components that act on the image "
+                        "have nothing to change: a null effect here says nothing about the method",
+               "around": "the models barely beat the question alone, so effects on the image side can only be small",
+               "above": "the models use the image, so a component that matters can show here"}[where]
+    return (f"The ablation's variants score {100 * low:.1f} to {100 * high:.1f} % on average, {where} the question-only "
+            f"baseline ({100 * question_only:.1f} %); {full_name} trained on every question scores {100 * full_data:.1f} %: "
+            f"{reading}.")
 
 
 def plot_effects(effects: Sequence[dict], title: str = "", ax=None):

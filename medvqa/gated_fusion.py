@@ -65,7 +65,7 @@ def sequence_similarity(x: torch.Tensor, queue: torch.Tensor, position_mask: tor
 
 def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.Tensor | None = None,
                        temperature: float = 0.1, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 3: softmax over the K queue texts of sim(x, t_i) / tau, padded entries get 0: [B, K]."""
+    """BioD2C Eq. 3: softmax over the K queue texts of sim(x, t_i) / tau, padded entries get 0: [B, K]."""
     logits = sequence_similarity(x, queue, position_mask) / temperature
     if queue_mask is not None:
         logits = logits.masked_fill(~queue_mask, float("-inf"))
@@ -74,7 +74,7 @@ def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.T
 
 def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, temperature: float = 0.1,
                   queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
+    """BioD2C Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
     if image.shape != text.shape:
         raise ValueError(f"image and text must have the same [B, L, D] shape, got {list(image.shape)} and {list(text.shape)}")
     if queue.ndim != 4 or queue.shape[0] != image.shape[0] or queue.shape[2:] != image.shape[1:]:
@@ -87,15 +87,15 @@ def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, 
         empty = (~queue_mask).all(1)
         if empty.any():
             raise ValueError(f"queue rows {empty.nonzero().flatten().tolist()} are all padding: every sample needs a real text")
-    p_v = queue_distribution(image, queue, queue_mask, temperature, position_mask)  # Eq. 3
+    p_v = queue_distribution(image, queue, queue_mask, temperature, position_mask)  # BioD2C Eq. 3
     log_p_v = torch.log(p_v.clamp_min(1e-30))
     log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature, position_mask).clamp_min(1e-30))
     terms = torch.where(p_v > 0, p_v * (log_p_v - log_p_t), torch.zeros_like(p_v))  # padded entries add 0
-    return terms.sum() / len(image)  # Eq. 4, batchmean
+    return terms.sum() / len(image)  # BioD2C Eq. 4, batchmean
 
 # %% ../nbs/07_gated_fusion.ipynb #c015
 class GatedFusion(nn.Module):
-    """BioD2C's fusion: MFE, a Transformer decoder with question queries (Eq. 1), and the tanh(beta) gate (Eq. 2).
+    """BioD2C's fusion: MFE, a Transformer decoder with question queries (BioD2C Eq. 1), and the tanh(beta) gate (BioD2C Eq. 2).
 
     `width` is the LLM's embedding width (X_t, X_v|t and the queue live there); the decoder runs at `dim`."""
 
@@ -113,7 +113,7 @@ class GatedFusion(nn.Module):
             self.block_pos = nn.Parameter(torch.randn(1, mfe_token_count(scales), dim) * 0.02)
             layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=dropout, activation="gelu", batch_first=True,
                                                norm_first=True)
-            self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(dim))  # Fusion of Eq. 1 (pre-norm layers, a final norm)
+            self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(dim))  # Fusion of BioD2C Eq. 1 (pre-norm layers, a final norm)
             self.proj_g = nn.Linear(dim, width)  # Proj_g
             self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
@@ -145,8 +145,8 @@ class GatedFusion(nn.Module):
         if self.fuse:
             memory = self.memory(multi_scale_features(patches, self.scales)) + self.block_pos
             with cpu_attention_kernel(memory.device):
-                x_vt = self.decoder(self.query(x_t), memory, tgt_key_padding_mask=question_padding)  # Eq. 1
-            out = out + self.proj_g(x_vt) * torch.tanh(self.beta)  # Eq. 2
+                x_vt = self.decoder(self.query(x_t), memory, tgt_key_padding_mask=question_padding)  # BioD2C Eq. 1
+            out = out + self.proj_g(x_vt) * torch.tanh(self.beta)  # BioD2C Eq. 2
         return out, x_t
 
 # %% ../nbs/07_gated_fusion.ipynb #c018
@@ -162,7 +162,7 @@ class FusionVQA(PrefixLM):
         return self.fusion(batch["patches"], self.embed(batch["query_ids"]), ~batch["query_mask"])
 
     def nll(self, visual: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Eq. 5's L_nll: cross-entropy of the answer tokens after the visual prefix."""
+        """BioD2C Eq. 5's L_nll: cross-entropy of the answer tokens after the visual prefix."""
         return self.answer_nll(visual, batch["text_ids"], batch["text_mask"], batch["labels"])
 
     @torch.no_grad()
@@ -192,8 +192,8 @@ def released_semantic_loss(model: FusionVQA, batch: dict, temperature: float = 0
 
 def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperature: float = 0.1,
                 sem_form: str = "paper") -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 5: sem_weight * L_sem + L_nll for a batch with patches, query, text, labels and (if sem_weight) the queue.
-    `sem_form`: 'paper' (Eq. 4: KL(p(v) || p(t)) on X_v|t and X_t, padding masked) or 'released'."""
+    """BioD2C Eq. 5: sem_weight * L_sem + L_nll for a batch with patches, query, text, labels and (if sem_weight) the queue.
+    `sem_form`: 'paper' (BioD2C Eq. 4: KL(p(v) || p(t)) on X_v|t and X_t, padding masked) or 'released'."""
     visual, x_t = model.visual_prefix(batch)
     nll = model.nll(visual, batch)
     parts = {"nll": nll.item(), "gate": model.fusion.gate}
@@ -211,9 +211,9 @@ def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperat
     b, k, l = ids.shape
     queue = model.fusion.text_queries(model.embed(ids.flatten(0, 1))).view(b, k, l, -1)
     real = batch["query_mask"][rows][:, None, :] & batch["queue_token_mask"][rows]  # [b, K, L]: both tokens real
-    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, batch["queue_mask"][rows], real)  # Eq. 3-4
+    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, batch["queue_mask"][rows], real)  # BioD2C Eq. 3-4
     parts["sem"] = sem.item()
-    return sem_weight * sem + nll, parts  # Eq. 5
+    return sem_weight * sem + nll, parts  # BioD2C Eq. 5
 
 # %% ../nbs/07_gated_fusion.ipynb #c020
 def queue_texts(caption: str | None, mentions: str, kb, size: int) -> list[str]:

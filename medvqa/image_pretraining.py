@@ -212,22 +212,23 @@ def pretrained_encoder_from_images(images: dict[str, torch.Tensor], key: dict[st
                      "history": history}
 
 # %% ../nbs/02a_image_pretraining.ipynb #c020
-def training_images(dataset: str, image_size: int, seed: int = 0, synthetic_images: int = 480) -> tuple[dict[str, torch.Tensor], str]:
+def training_images(dataset: str, image_size: int, seed: int = 0, synthetic_images: int = 480,
+                    synthetic_options: str = "") -> tuple[dict[str, torch.Tensor], str]:
     """({image_id: [3, S, S]} of the dataset's training split, a data description for the cache key)."""
     from medvqa.coregularized import load_images
-    from medvqa.data import load_split
-    records = load_split(dataset, "train", synthetic_images=synthetic_images, seed=seed,
+    from medvqa.data import load_split, synthetic_name
+    records = load_split(dataset, "train", synthetic_images=synthetic_images, synthetic_options=synthetic_options, seed=seed,
                          missing_images="skip" if dataset == "pathvqa" else None)
-    data = f"synthetic-n{synthetic_images}-seed{seed}" if dataset == "synthetic" else dataset
+    data = synthetic_name(synthetic_images, seed, synthetic_options) if dataset == "synthetic" else dataset
     return load_images(records, image_size), data
 
 
-def pretrained_encoder(dataset: str, image_size: int = 64, *, seed: int = 0, synthetic_images: int = 480,
+def pretrained_encoder(dataset: str, image_size: int = 64, *, seed: int = 0, synthetic_images: int = 480, synthetic_options: str = "",
                        settings: PretrainSettings | None = None, retrain: bool = False, device: str = "auto",
                        progress: bool = True) -> tuple[SmallCNN, dict[str, Any]]:
     """`small-cnn-ssl` for a dataset: the cached encoder of these settings, or one trained now on its training images."""
     settings = settings or PretrainSettings(seed=seed)
-    images, data = training_images(dataset, image_size, seed, synthetic_images)
+    images, data = training_images(dataset, image_size, seed, synthetic_images, synthetic_options)
     key = encoder_key(dataset, image_size, list(images), settings, data)
     return pretrained_encoder_from_images(images, key, settings, retrain, device, progress)
 

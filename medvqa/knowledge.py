@@ -333,7 +333,7 @@ def mine_knowledge(records: Sequence[VQARecord], kb: KnowledgeBase, extractor=No
 
 # %% ../nbs/03_knowledge.ipynb #c023
 def knowledge_base_for(dataset: str, backend: str = "auto", umls_dir: str | Path | None = None,
-                       synthetic_images: int = 480, seed: int = 0) -> KnowledgeBase:
+                       synthetic_images: int = 480, seed: int = 0, synthetic_options: str = "") -> KnowledgeBase:
     """The knowledge base used for a dataset: UMLS if asked, else the dataset's (or SLAKE's) KG folder."""
     from medvqa.data import dataset_root, find_files, synthetic_root
     check_choice("knowledge_base", backend, ("auto", "kg", "umls"))
@@ -342,7 +342,7 @@ def knowledge_base_for(dataset: str, backend: str = "auto", umls_dir: str | Path
             raise ValueError("the UMLS backend needs umls_dir (a folder with MRCONSO.RRF, MRDEF.RRF, MRREL.RRF)")
         return UMLSKnowledgeBase(umls_dir)
     if dataset == "synthetic":
-        return GraphKnowledgeBase(synthetic_root(synthetic_images, seed) / "KG", "synthetic-kg")
+        return GraphKnowledgeBase(synthetic_root(synthetic_images, seed, synthetic_options) / "KG", "synthetic-kg")
     kg = find_files(dataset_root("slake"), "en_organ.csv")
     if not kg:
         raise FileNotFoundError(f"no SLAKE knowledge graph (KG/en_organ.csv) under {dataset_root('slake')}")

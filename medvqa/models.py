@@ -361,7 +361,7 @@ def build_image_encoder(name: str, image_size: int = 64) -> ImageEncoder:
 
 def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = None, image_size: int = 64, *,
                        dataset: str | None = None, seed: int = 0, synthetic_images: int = 480, encoder_epochs: int = 20,
-                       device: str = "auto") -> ImageEncoder:
+                       device: str = "auto", synthetic_options: str = "") -> ImageEncoder:
     """An image encoder by registry name (`local_dir` for a downloaded open_clip folder).
 
     `small-cnn-ssl` is pre-trained on `dataset`'s training images (chapter 02a) or loaded from its cache."""
@@ -372,7 +372,7 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
         if dataset is None:
             raise ValueError(f"{name!r} is pre-trained on a dataset's training images: pass dataset=")
         from medvqa.image_pretraining import PretrainSettings, pretrained_encoder
-        encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images,
+        encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images, synthetic_options=synthetic_options,
                                         settings=PretrainSettings(epochs=encoder_epochs, seed=seed), device=device)
         return encoder
     clip, _, _ = load_open_clip(spec, local_dir or local_model_dir(name))

@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 from .core import atomic_path, load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS', 'list_chapters',
-           'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types',
-           'declared_checks', 'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value',
-           'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
-           'unavailable_models', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
-           'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main']
+__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS', 'EQUATION_NAME',
+           'PAPER_CHAPTERS', 'INDEX_MARKERS', 'list_chapters', 'notebook_parameters', 'resolve_chapters',
+           'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks', 'check_values',
+           'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun', 'run_chapter',
+           'checked_values', 'profile_values_of', 'parameter_defaults', 'unavailable_models', 'reproduce',
+           'write_summary', 'read_summary', 'results_rows', 'results_table', 'results_reading', 'effects_table',
+           'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main', 'equation_index', 'figure_index',
+           'equation_index_markdown', 'write_equation_indexes', 'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -452,11 +454,12 @@ def effects_table(runs: dict[str, str | Path]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def update_readme(readme: str | Path, table: str, note: str = "") -> Path:
-    """Replace the text between the README's results markers by `table` (and a line saying where it came from)."""
+def update_readme(readme: str | Path, table: str, note: str = "", markers: tuple[str, str] = README_MARKERS) -> Path:
+    """Replace the text between a Markdown file's two `markers` (the README's results markers by default) by `table`
+    (and a line saying where it came from)."""
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
-    start, end = README_MARKERS
+    start, end = markers
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise ValueError(f"{readme}: needs exactly one {start} followed by one {end}")
     before, rest = text.split(start)
@@ -615,10 +618,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--results", default=None, help="output folder (default results/<profile>)")
     rep.add_argument("--list", action="store_true", help="list the chapters and their parameters, then exit")
     rep.add_argument("--plan", action="store_true", help="print the GPU plan of the chosen chapters (runs nothing)")
+    book = sub.add_parser("book", help="an HTML site of the executed chapters of a reproduce run")
+    book.add_argument("--results", default=str(Path("results") / "smoke"), help="the run's folder (default results/smoke)")
+    book.add_argument("--out", default=None, help="output folder (default book/<results folder name>)")
+    idx = sub.add_parser("index", help="print each paper's equation index (or write it into papers/<paper>.md)")
+    idx.add_argument("--write", action="store_true", help="replace the index between the markers of papers/<paper>.md")
     res = sub.add_parser("results", help="the VQA results table of run folders (and write it into the README)")
     res.add_argument("runs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run folder, e.g. smoke=results/smoke")
     res.add_argument("--readme", default=None, help="replace the table between the results markers of this README")
     args = parser.parse_args(argv)
+    if args.command == "book":
+        try:
+            pages = build_book(args.results, args.out or Path("book") / Path(args.results).name)
+        except FileNotFoundError as error:
+            print(f"medvqa book: {error}", file=sys.stderr)
+            return 2
+        print(f"{len(pages) - 1} chapter pages; open {pages[0]}")
+        return 0
+    if args.command == "index":
+        if args.write:
+            print("\n".join(str(path) for path in write_equation_indexes()))
+        else:
+            print("\n\n".join(f"## {paper}\n\n" + equation_index_markdown(paper) for paper in PAPER_CHAPTERS))
+        return 0
     if args.command == "results":
         try:
             runs = dict(item.split("=", 1) for item in args.runs)
@@ -659,3 +681,149 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {r.chapter}: {r.error}", file=sys.stderr)
         return 1
     return 0
+
+# %% ../nbs/90_reproduce.ipynb #c024b
+import re
+
+EQUATION_NAME = re.compile(r"\b(BaMCo|CMDPI|BioD2C|SimCLR) Eq\. (\d+)(?:\s*[-–]\s*(\d+))?")
+PAPER_CHAPTERS = {"BaMCo": ("03_knowledge", "04_balanced_contrastive", "08_knowledge_vqa"),
+                  "CMDPI": ("05_coregularized_pretraining", "06_difference_reconstruction"), "BioD2C": ("07_gated_fusion",)}
+INDEX_MARKERS = ("<!-- equation-index:start -->", "<!-- equation-index:end -->")
+
+
+def _definitions(tree: ast.Module) -> list[tuple[int, int, str]]:
+    """(first line, last line, qualified name) of every function and class, methods as Class.method."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                found.append((child.lineno, child.end_lineno, prefix + child.name))
+                visit(child, prefix + child.name + ".")
+    visit(tree, "")
+    return found
+
+
+def _tests_calling(tests_dir: Path) -> dict[str, list[str]]:
+    """{name: ['tests/test_x.py::test_y', ...]}: every name a test function uses (variables, attributes, calls)."""
+    users: dict[str, list[str]] = {}
+    for path in sorted(tests_dir.glob("test_*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+                    n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+                for name in names:
+                    users.setdefault(name, []).append(f"tests/{path.name}::{node.name}")
+    return users
+
+
+def equation_index(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per (paper, equation, function): the module, the notebook cell it is exported from, the tests using it."""
+    root = Path(root or project_root())
+    tests = _tests_calling(root / "tests")
+    rows = []
+    for module in sorted((root / "medvqa").glob("*.py")):
+        source = module.read_text(encoding="utf-8")
+        lines, definitions = source.splitlines(), _definitions(ast.parse(source))
+        cells = [(k + 1, m.group(1), m.group(2)) for k, line in enumerate(lines)
+                 if (m := re.match(r"# %% \.\./nbs/(\S+)\.ipynb #(\S+)", line))]
+        for number, line in enumerate(lines, 1):
+            owners = [d for d in definitions if d[0] <= number <= d[1]]
+            if not owners:
+                continue  # a module docstring names the paper's equations only in passing
+            qualname = max(owners)[2]  # the innermost definition
+            notebook, cell = next(((nb, c) for start, nb, c in reversed(cells) if start <= number), ("", ""))
+            for match in EQUATION_NAME.finditer(line):
+                first, last = int(match.group(2)), int(match.group(3) or match.group(2))
+                for equation in range(first, last + 1):
+                    parts = qualname.split(".")  # a method is found by its name in the tests, a function or class by its own
+                    used_by = tests.get(parts[-1] if len(parts) > 1 and not parts[-1].startswith("__") else parts[0], [])
+                    rows.append({"paper": match.group(1), "item": f"Eq. {equation}", "function": qualname,
+                                 "module": f"medvqa.{module.stem}", "notebook": notebook, "cell": cell, "tests": used_by})
+    unique = {(r["paper"], r["item"], r["function"]): r for r in rows}
+    return sorted(unique.values(), key=lambda r: (r["paper"], int(r["item"].split()[1]), r["function"]))
+
+
+def figure_index(paper: str, root: str | Path | None = None) -> list[dict[str, str]]:
+    """The paper's figures and tables that a chapter section reproduces: (item, chapter, cell, heading)."""
+    import nbformat
+    root, rows = Path(root or project_root()), []
+    for chapter in PAPER_CHAPTERS.get(paper, ()):
+        notebook = nbformat.read(root / "nbs" / f"{chapter}.ipynb", as_version=4)
+        for cell in notebook.cells:
+            for heading in (l for l in cell.source.splitlines() if cell.cell_type == "markdown" and l.startswith("#")):
+                for kind, number in re.findall(r"\b(Fig\.|Table) (\d+)", heading):
+                    rows.append({"item": f"{kind} {number}", "chapter": chapter, "cell": cell.get("id", ""),
+                                 "heading": heading.lstrip("# ").strip()})
+    return rows
+
+
+def equation_index_markdown(paper: str, root: str | Path | None = None, max_tests: int = 3) -> str:
+    """The Markdown tables of `paper`'s equations (function, cell, tests) and figures / tables (chapter section)."""
+    lines = ["| equation | functions (notebook, cell) | tests that call them |", "| --- | --- | --- |"]
+    by_item: dict[str, list[dict]] = {}
+    for r in (r for r in equation_index(root) if r["paper"] == paper):
+        by_item.setdefault(r["item"], []).append(r)
+    for item, rows in by_item.items():
+        where = "<br>".join(f"`{r['module']}.{r['function']}` ({r['notebook']} #{r['cell']})" for r in rows)
+        tests = sorted({t for r in rows for t in r["tests"]})
+        shown = "<br>".join(f"`{t}`" for t in tests[:max_tests]) + (f"<br>and {len(tests) - max_tests} more"
+                                                                    if len(tests) > max_tests else "")
+        lines.append(f"| {item} | {where} | {shown or '—'} |")
+    figures = figure_index(paper, root)
+    if figures:
+        lines += ["", "| figure / table | chapter section | notebook cell |", "| --- | --- | --- |"]
+        lines += [f"| {f['item']} | {f['heading']} | `nbs/{f['chapter']}.ipynb` #{f['cell']} |" for f in figures]
+        lines += ["", "Every chapter runs whole in `tests/test_notebooks.py::test_every_chapter_runs`, so each of these"
+                  " sections is executed by the test suite."]
+    return "\n".join(lines)
+
+
+def write_equation_indexes(root: str | Path | None = None) -> list[Path]:
+    """Put each paper's index between the equation-index markers of `papers/<paper>.md`."""
+    root = Path(root or project_root())
+    return [update_readme(root / "papers" / f"{paper.lower()}.md", equation_index_markdown(paper, root),
+                          "generated by `medvqa index --write` from the package, the notebooks and the tests", INDEX_MARKERS)
+            for paper in PAPER_CHAPTERS]
+
+# %% ../nbs/90_reproduce.ipynb #c024e
+def _title(notebook) -> str:
+    """The first Markdown heading of a notebook (its chapter title)."""
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return ""
+
+
+def build_book(results: str | Path, out: str | Path, readme: str | Path | None = None) -> list[Path]:
+    """Write `out/index.html` (the README and the chapter list) and one HTML page per executed notebook in `results`."""
+    import html
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.filters import markdown2html
+    from medvqa.core import atomic_folder
+    results, out = Path(results), Path(out)
+    notebooks = sorted(results.glob("*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"{results}: no executed notebooks; run `medvqa reproduce --results {results}` first")
+    summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
+    status = {row.get("chapter"): row.get("status", "") for row in summary.get("chapters", [])} if isinstance(summary, dict) else {}
+    exporter = HTMLExporter(template_name="lab")
+    readme = Path(readme or project_root() / "README.md")
+    with atomic_folder(out) as tmp:
+        links = []
+        for path in notebooks:
+            notebook = nbformat.read(path, as_version=4)
+            body, _ = exporter.from_notebook_node(notebook)
+            (tmp / f"{path.stem}.html").write_text(body, encoding="utf-8")
+            figures = sum(1 for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+            links.append(f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a>: {html.escape(_title(notebook))}'
+                         f' ({figures} figures{", " + status[path.stem] if status.get(path.stem) else ""})</li>')
+        intro = markdown2html(readme.read_text(encoding="utf-8")) if readme.is_file() else ""
+        (tmp / "index.html").write_text(
+            "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>medvqa</title></head><body>\n"
+            f"<h1>medvqa: the executed chapters ({html.escape(results.name)})</h1>\n<ol>\n" + "\n".join(links) + "\n</ol>\n"
+            f"<hr>\n{intro}\n</body></html>\n", encoding="utf-8")
+    return [out / "index.html"] + [out / f"{p.stem}.html" for p in notebooks]

@@ -237,11 +237,30 @@ def _components(codes: np.ndarray, code: int) -> list:
     return ndimage.find_objects(labels)
 
 
-def test_answers_agree_with_what_is_drawn(synthetic_dir):
-    """Re-derive answers from the label masks (and lesion pixels) and compare them with the QA files."""
+@pytest.fixture(scope="module")
+def optioned_dir(tmp_path_factory) -> Path:
+    """The same generator with every option away from its default."""
+    return data.generate_synthetic(tmp_path_factory.mktemp("optioned") / "ds", n_images=120, seed=3,
+                                   **data.parse_synthetic_options("lesion_scale=0.5,knowledge_questions=1,labelled_fraction=0.3"))
+
+
+def _kg_table(folder: Path, name: str) -> dict[tuple[str, str], list[str]]:
+    table: dict[tuple[str, str], list[str]] = {}
+    for line in (folder / "KG" / name).read_text().splitlines()[1:]:
+        head, attribute, value = line.split("#")
+        table.setdefault((head, attribute), []).append(value)
+    return table
+
+
+@pytest.mark.parametrize("folder_fixture", ["synthetic_dir", "optioned_dir"])
+def test_answers_agree_with_what_is_drawn(folder_fixture, request):
+    """Re-derive answers from the label masks (and lesion pixels, and the KG files) and compare them with the QA files."""
+    synthetic_dir = request.getfixturevalue(folder_fixture)
     codes = {name: code for code, name in (line.split(":") for line in (synthetic_dir / "mask.txt").read_text().splitlines())}
     codes = {name: int(code) for name, code in codes.items()}
-    checked = 0
+    names = {code: name for name, code in codes.items()}
+    systems, diseases = _kg_table(synthetic_dir, "en_organ_rel.csv"), _kg_table(synthetic_dir, "en_disease.csv")
+    checked, knowledge = 0, 0
     for split in ("train", "val", "test"):
         for r in load_split("synthetic", split, root=synthetic_dir):
             mask = np.asarray(Image.open(r.image_path.parent / "mask.png"))
@@ -268,10 +287,86 @@ def test_answers_agree_with_what_is_drawn(synthetic_dir):
                 finding = next(n for n in codes if n.lower() == q[len("Is the "):-len(" large?")])
                 extent = max(max(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in _components(mask, codes[finding]))
                 assert (extent >= 14) == (r.answer == "Yes"), (r, extent)  # large: >= 15 px, small: <= 13 px
+            elif q == "What usually causes the abnormality in this image?":  # the KG's cause of a drawn finding
+                assert any(r.answer in diseases.get((names[c], "cause"), []) for c in lesion_codes), r
+                knowledge += 1
+            elif q == "Which body system does the abnormal organ belong to?":  # the KG's system of an organ around a lesion
+                lesion = np.isin(mask, lesion_codes)
+                ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
+                around = {names[c] for c in np.unique(mask[ring]).tolist() if 0 < c < 150}
+                assert any(r.answer in systems.get((organ, "belong to"), []) for organ in around), (r, around)
+                knowledge += 1
             else:
                 continue
             checked += 1
-    assert checked > 500
+    assert checked > (500 if folder_fixture == "synthetic_dir" else 150)
+    assert (knowledge > 20) == (folder_fixture == "optioned_dir")
+
+
+def test_small_lesions_shrink_with_lesion_scale(synthetic_dir, optioned_dir):
+    """lesion_scale=0.5 halves the small lesions as drawn in the masks (large lesions keep their size)."""
+    def small_extents(folder: Path) -> list[int]:
+        extents = []
+        for scene in json.loads((folder / "scenes.json").read_text()):
+            mask = np.asarray(Image.open(folder / "imgs" / f"synth{scene['image_id']}" / "mask.png"))
+            for lesion in scene["lesions"]:
+                if lesion["size"] == "small":
+                    x, y = int(lesion["x"] * mask.shape[1]), int(lesion["y"] * mask.shape[0])
+                    labels, _ = ndimage.label(mask >= 150, structure=np.ones((3, 3)))
+                    if labels[y, x]:
+                        box = ndimage.find_objects(labels == labels[y, x])[0]
+                        extents.append(max(box[0].stop - box[0].start, box[1].stop - box[1].start))
+        return extents
+    plain, fine = small_extents(synthetic_dir), small_extents(optioned_dir)
+    assert len(plain) > 20 and len(fine) > 20
+    assert np.median(fine) <= 0.65 * np.median(plain), (np.median(fine), np.median(plain))
+
+
+def test_knowledge_questions_only_add_questions(tmp_path):
+    plain = data.generate_synthetic(tmp_path / "plain", n_images=100, seed=7)
+    extra = data.generate_synthetic(tmp_path / "extra", n_images=100, seed=7, knowledge_questions=True)
+    assert (plain / "captions.json").read_bytes() == (extra / "captions.json").read_bytes()
+    for split in ("train", "val", "test"):
+        key = lambda r: (r.image_id, r.question, r.answer)
+        before = {key(r) for r in load_split("synthetic", split, root=plain)}
+        after = load_split("synthetic", split, root=extra)
+        added = [r for r in after if key(r) not in before]
+        assert before <= {key(r) for r in after}  # every default question is still there, unchanged
+        assert added and all(r.question_type == "KG" and r.answer_type == "open" for r in added)
+
+
+def test_labelled_fraction_keeps_captions_and_held_out_splits(tmp_path):
+    plain = data.generate_synthetic(tmp_path / "plain", n_images=200, seed=2)
+    few = data.generate_synthetic(tmp_path / "few", n_images=200, seed=2, labelled_fraction=0.25)
+    for name in ("validate.json", "test.json", "captions.json", "scenes.json"):  # only training questions go
+        assert (plain / name).read_bytes() == (few / name).read_bytes(), name
+    scenes = json.loads((plain / "scenes.json").read_text())
+    group = {str(s["image_id"]): str(s["twin_of"] if s["twin_of"] is not None else s["image_id"]) for s in scenes}
+    groups_plain = {group[r.image_id] for r in load_split("synthetic", "train", root=plain)}
+    groups_few = {group[r.image_id] for r in load_split("synthetic", "train", root=few)}
+    assert groups_few < groups_plain and len(groups_few) == round(0.25 * len(groups_plain))
+    kept = {(r.image_id, r.question, r.answer) for r in load_split("synthetic", "train", root=plain) if group[r.image_id] in groups_few}
+    assert {(r.image_id, r.question, r.answer) for r in load_split("synthetic", "train", root=few)} == kept
+    unlabelled = data.unlabelled_training_images(few)  # the rest of the training images, listed with their files
+    train_plain = {r.image_id for r in load_split("synthetic", "train", root=plain)}
+    assert set(unlabelled) == train_plain - {r.image_id for r in load_split("synthetic", "train", root=few)}
+    assert all(path.is_file() for path in unlabelled.values()) and data.unlabelled_training_images(plain) == {}
+
+
+def test_synthetic_options_parse_and_name_their_folder():
+    assert data.parse_synthetic_options("") == {}
+    assert data.parse_synthetic_options(" twin_rate=0.15 , lesion_scale=0.5,knowledge_questions=1") == {
+        "knowledge_questions": 1, "lesion_scale": 0.5}  # defaults dropped, sorted
+    assert data.synthetic_name(480, 0, "") == "synthetic-n480-seed0"
+    assert data.synthetic_name(480, 0, "labelled_fraction=0.25,lesion_scale=0.5") == "synthetic-n480-seed0-labelled_fraction0.25-lesion_scale0.5"
+    with pytest.raises(ValueError, match="key=value with a key among"):
+        data.parse_synthetic_options("lesion=0.5")
+    with pytest.raises(ValueError, match="lesion_scale='big' is not a float"):
+        data.parse_synthetic_options("lesion_scale=big")
+    with pytest.raises(ValueError, match=r"labelled_fraction=0\.0 is outside"):
+        data.parse_synthetic_options("labelled_fraction=0")
+    with pytest.raises(ValueError, match="knowledge_questions='0.5' is not an int"):
+        data.parse_synthetic_options("knowledge_questions=0.5")
 
 
 def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):

@@ -317,3 +317,13 @@ def test_blank_image_evaluation_separates_a_model_that_looks_from_one_that_does_
         normal = score_records(records, [model(images[r.image_id]) for r in records])["overall"]
         blanked = score_records(records, [model(blank) for r in records])["overall"]
         assert (normal, blanked) == expected
+
+
+def test_ablation_regime_reads_the_variants_against_the_question_only_baseline():
+    from medvqa.evaluation import ablation_regime
+    runs = {"full": [np.array([1, 0, 0, 1]), np.array([1, 1, 0, 0])], "w/o x": [np.array([0, 0, 0, 1])]}  # means 0.5, 0.25
+    below = ablation_regime(runs, 0.6, 0.8, "Full")
+    assert below.startswith("The ablation's variants score 25.0 to 50.0 % on average, below the question-only baseline (60.0 %)")
+    assert "Full trained on every question scores 80.0 %" in below and "nothing to change" in below
+    assert "around the question-only" in ablation_regime(runs, 0.3, 0.8, "Full")
+    assert "above the question-only" in ablation_regime(runs, 0.2, 0.8, "Full") and "use the image" in ablation_regime(runs, 0.2, 0.8, "Full")

@@ -41,6 +41,17 @@ def test_every_chapter_runs_in_the_smoke_profile(tmp_path):
     assert not failed, failed
     assert {r.chapter for r in runs} == set(rep.list_chapters())
     assert (tmp_path / "summary.md").is_file()
+    # the book of this run: a page per chapter, each with every figure its notebook drew
+    import nbformat
+    pages = rep.build_book(tmp_path, tmp_path / "book")
+    index = pages[0].read_text()
+    for chapter in rep.list_chapters():
+        page = tmp_path / "book" / f"{chapter}.html"
+        figures = sum("image/png" in o.get("data", {}) for c in nbformat.read(tmp_path / f"{chapter}.ipynb", as_version=4).cells
+                      for o in c.get("outputs", []))
+        assert page.is_file() and f'href="{chapter}.html"' in index, chapter
+        assert page.read_text().count('src="data:image/png;base64') >= figures, chapter
+        assert figures > 0 or chapter in ("00_core", "00a_training", "90_reproduce"), f"{chapter} drew no figure"
 
 
 def test_the_runner_chapter_runs(tmp_path):

@@ -317,3 +317,71 @@ def test_rehearsal_is_full_with_every_reduction_marked():
     for key in ("image_size", "image_encoder", "text_encoder", "fusion_lm", "vqa_lm", "mixed_precision",
                 "gradient_checkpointing", "fusion_accumulate"):  # the code paths that make it a rehearsal of full
         assert rehearsal[key] == full[key], key
+
+
+# ---------------------------------------------------------------- the equation index
+def test_equation_index_reads_names_cells_and_tests_of_a_small_project(tmp_path):
+    """A two-function module and one test file: the rows are exactly what the files say."""
+    (tmp_path / "medvqa").mkdir(); (tmp_path / "tests").mkdir()
+    (tmp_path / "medvqa" / "toy.py").write_text(
+        '"""BioD2C Eq. 9 is only mentioned here, in the module docstring."""\n'
+        "# %% ../nbs/07_toy.ipynb #c001\n"
+        "def gate(x):\n"
+        "    return x  # BioD2C Eq. 2-3\n"
+        "\n"
+        "# %% ../nbs/07_toy.ipynb #c004\n"
+        "class Block:\n"
+        "    def forward(self, x):\n"
+        '        """CMDPI Eq. 7."""\n'
+        "        return x\n")
+    (tmp_path / "tests" / "test_toy.py").write_text(
+        "from medvqa.toy import gate, Block\n"
+        "def test_gate():\n    assert gate(1) == 1\n"
+        "def test_block():\n    assert Block().forward(2) == 2\n"
+        "def helper():\n    gate(3)\n")
+    rows = [(r["paper"], r["item"], r["function"], r["module"], r["notebook"], r["cell"], r["tests"]) for r in rep.equation_index(tmp_path)]
+    assert rows == [
+        ("BioD2C", "Eq. 2", "gate", "medvqa.toy", "07_toy", "c001", ["tests/test_toy.py::test_gate"]),
+        ("BioD2C", "Eq. 3", "gate", "medvqa.toy", "07_toy", "c001", ["tests/test_toy.py::test_gate"]),
+        ("CMDPI", "Eq. 7", "Block.forward", "medvqa.toy", "07_toy", "c004", ["tests/test_toy.py::test_block"])]
+
+
+def test_every_equation_of_the_three_papers_is_indexed_with_a_test():
+    index = rep.equation_index()
+    numbers = {paper: {int(r["item"].split()[1]) for r in index if r["paper"] == paper} for paper in ("BaMCo", "CMDPI", "BioD2C")}
+    assert numbers == {"BaMCo": {1}, "CMDPI": set(range(1, 14)), "BioD2C": set(range(1, 6))}
+    for paper, equations in numbers.items():
+        for number in equations:
+            rows = [r for r in index if r["paper"] == paper and r["item"] == f"Eq. {number}"]
+            assert any(r["tests"] for r in rows), f"{paper} Eq. {number}: no test calls {[r['function'] for r in rows]}"
+    assert any(r["function"] == "queue_distribution" and r["item"] == "Eq. 3" for r in index)
+
+
+def test_papers_hold_the_generated_equation_index():
+    for paper in rep.PAPER_CHAPTERS:
+        text = (project_root() / "papers" / f"{paper.lower()}.md").read_text()
+        start, end = rep.INDEX_MARKERS
+        body = text.split(start)[1].split(end)[0]
+        assert rep.equation_index_markdown(paper) in body, f"papers/{paper.lower()}.md is stale: run medvqa index --write"
+
+
+# ---------------------------------------------------------------- the book
+def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+    results = tmp_path / "results"; results.mkdir()
+    for name, code in (("01_first", "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+                                    "%matplotlib inline\nplt.plot([1, 2]); plt.show()"), ("02_second", "print(6 * 7)")):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Chapter {name}"), nbformat.v4.new_code_cell(code)])
+        NotebookClient(nb, kernel_name="medvqa", timeout=120).execute()
+        nbformat.write(nb, results / f"{name}.ipynb")
+    (results / "summary.json").write_text(json.dumps({"chapters": [{"chapter": "01_first", "status": "passed"}]}))
+    pages = rep.build_book(results, tmp_path / "book", readme=project_root() / "README.md")
+    assert [p.name for p in pages] == ["index.html", "01_first.html", "02_second.html"]
+    index = pages[0].read_text()
+    assert 'href="01_first.html">01_first</a>: Chapter 01_first (1 figures, passed)' in index
+    assert 'href="02_second.html">02_second</a>: Chapter 02_second (0 figures)' in index
+    assert "<h2" in index and "The two commands" in index  # the README, rendered
+    assert pages[1].read_text().count('src="data:image/png;base64') == 1 and "42" in pages[2].read_text()
+    with pytest.raises(FileNotFoundError, match="no executed notebooks"):
+        rep.build_book(tmp_path / "empty", tmp_path / "book2")
