@@ -243,16 +243,18 @@ def effects_lines(effects: Sequence[dict]) -> list[str]:
             f"{effect_verdict(e)}" for e in effects]
 
 
-def ablation_regime(per_question: dict[str, list], question_only: float, full_data: float, full_name: str) -> str:
+def ablation_regime(per_question: dict[str, list], question_only: float, full_data: float, full_name: str,
+                    margin: float = 0.03) -> str:
     """Where the ablation's models stand: their mean accuracy against the question-only baseline and against the
-    chapter's model trained on every question. Below the baseline, the models do not yet use the image, so no
-    image-side component can show an effect at that training size."""
+    chapter's model trained on every question. Below the baseline (or less than `margin` above it), the models do
+    not yet use the image much, so an image-side component has little to change at that training size."""
     means = {name: float(np.mean([np.mean(x) for x in runs])) for name, runs in per_question.items()}
     low, high = min(means.values()), max(means.values())
-    where = ("below" if high < question_only else "above" if low > question_only else "around")
+    where = "below" if high < question_only else "around" if low < question_only + margin else "above"
     reading = {"below": "at this training size the models answer from the question, so components that act on the image "
                         "have nothing to change: a null effect here says nothing about the method",
-               "around": "the models barely beat the question alone, so effects on the image side can only be small",
+               "around": f"the models are within {100 * margin:.0f} points of the question alone, so effects on the image "
+                         "side can only be small",
                "above": "the models use the image, so a component that matters can show here"}[where]
     return (f"The ablation's variants score {100 * low:.1f} to {100 * high:.1f} % on average, {where} the question-only "
             f"baseline ({100 * question_only:.1f} %); {full_name} trained on every question scores {100 * full_data:.1f} %: "

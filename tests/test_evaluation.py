@@ -325,5 +325,6 @@ def test_ablation_regime_reads_the_variants_against_the_question_only_baseline()
     below = ablation_regime(runs, 0.6, 0.8, "Full")
     assert below.startswith("The ablation's variants score 25.0 to 50.0 % on average, below the question-only baseline (60.0 %)")
     assert "Full trained on every question scores 80.0 %" in below and "nothing to change" in below
-    assert "around the question-only" in ablation_regime(runs, 0.3, 0.8, "Full")
+    assert "around the question-only" in ablation_regime(runs, 0.3, 0.8, "Full")  # 0.25 < 0.3 + 0.03
+    assert "within 3 points" in ablation_regime(runs, 0.3, 0.8, "Full")
     assert "above the question-only" in ablation_regime(runs, 0.2, 0.8, "Full") and "use the image" in ablation_regime(runs, 0.2, 0.8, "Full")
