@@ -690,6 +690,11 @@ def _twin(scene: dict, rng: np.random.Generator, image_id: int, lesion_scale: fl
     return twin
 
 
+def _group(scene: dict) -> int:
+    """The image group of a scene: a twin belongs to its original's."""
+    return scene["twin_of"] if scene["twin_of"] is not None else scene["image_id"]
+
+
 def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, size: int = 128,
                        twin_rate: float = 0.15, balanced_validation: int | None = None, lesion_scale: float = 1.0,
                        knowledge_questions: bool | int = False, labelled_fraction: float = 1.0) -> Path:
@@ -703,9 +708,8 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
     balanced_validation = n_images // 2 if balanced_validation is None else balanced_validation
     if balanced_validation < 0:
         raise ValueError(f"balanced_validation must be >= 0, got {balanced_validation}")
-    check_range("lesion_scale", lesion_scale, 0.2, 2.0)
-    check_range("labelled_fraction", labelled_fraction, 0.01, 1.0)
-    check_range("twin_rate", twin_rate, 0.0, 0.9)
+    for key, value in (("lesion_scale", lesion_scale), ("labelled_fraction", labelled_fraction), ("twin_rate", twin_rate)):
+        check_range(key, value, *SYNTHETIC_OPTIONS[key][2])
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     scenes: list[dict] = []
@@ -714,7 +718,7 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
         scenes.append(scene)
         if rng.random() < twin_rate and len(scenes) < n_images:
             scenes.append(_twin(scene, rng, len(scenes), lesion_scale))
-    groups = sorted({s["twin_of"] if s["twin_of"] is not None else s["image_id"] for s in scenes})
+    groups = sorted({_group(s) for s in scenes})
     order = rng.permutation(len(groups))
     n_train, n_val = int(0.7 * len(groups)), int(0.15 * len(groups))
     split_of_group = {groups[g]: ("train" if k < n_train else "validate" if k < n_train + n_val else "test")
@@ -743,7 +747,7 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
                                      round(2 * l["r"] * size, 1), round(2 * l["r"] * size, 1)]} for l in scene["lesions"]]
             (tmp / "imgs" / name / "detection.json").write_text(json.dumps(boxes))
             captions[name] = scene_caption(scene)
-            group = scene["twin_of"] if scene["twin_of"] is not None else scene["image_id"]
+            group = _group(scene)
             for item in scene_questions(scene, rng, bool(knowledge_questions)):
                 if group in unlabelled:  # drawn and numbered all the same, so the other questions do not change
                     qid += 1
@@ -758,7 +762,7 @@ def generate_synthetic(folder: str | Path, n_images: int = 480, seed: int = 0, s
             (tmp / f"{split}.json").write_text(json.dumps(rows, indent=1))
         (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
         if unlabelled:  # training images without questions: their captions are still training data (chapter 05)
-            ids = sorted(s["image_id"] for s in scenes if (s["twin_of"] if s["twin_of"] is not None else s["image_id"]) in unlabelled)
+            ids = sorted(s["image_id"] for s in scenes if _group(s) in unlabelled)
             (tmp / "unlabelled_train_images.json").write_text(json.dumps([str(i) for i in ids]))
         (tmp / "scenes.json").write_text(json.dumps(scenes, indent=1))
         (tmp / "mask.txt").write_text("\n".join(f"{v}:{k}" for k, v in sorted(MASK_CODES.items(), key=lambda kv: kv[1])))
