@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvqa-installed
 KERNEL := medvqa
 PROFILE ?= smoke
+# chapters run at once when they do not need each other's outputs (medvqa reproduce --jobs)
+JOBS ?= 2
 
 .PHONY: venv reproduce test lab export clean-nbs book
 
@@ -23,7 +25,7 @@ $(STAMP): requirements.txt setup.py settings.ini pyproject.toml
 venv: $(STAMP)
 
 reproduce: venv
-	$(BIN)/medvqa reproduce --profile $(PROFILE) --kernel $(KERNEL)
+	$(BIN)/medvqa reproduce --profile $(PROFILE) --kernel $(KERNEL) --jobs $(JOBS)
 
 # an HTML site of the executed chapters of the last `make reproduce` (book/<profile>/index.html)
 book: venv

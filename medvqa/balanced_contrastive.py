@@ -16,10 +16,10 @@ from .core import check_choice, check_range, load_checkpoint, run_dir, save_chec
 from .models import model_spec
 
 # %% auto #0
-__all__ = ['TEXT_MIXES', 'SPACE_CONFIG_KEYS', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy', 'IntraClassEncoder3D',
-           'CosineClassifier', 'KnowledgeSpace', 'encoders_share_space', 'bamco_loss', 'alignment_loss', 'draw_text',
-           'KnowledgePairs', 'top1_matching', 'own_class_hits', 'knowledge_space_file', 'save_knowledge_spaces',
-           'load_knowledge_spaces']
+__all__ = ['TEXT_MIXES', 'SPACE_CONFIG_KEYS', 'contrastive_masks', 'balanced_contrastive_loss', 'logit_adjusted_cross_entropy',
+           'IntraClassEncoder3D', 'CosineClassifier', 'KnowledgeSpace', 'encoders_share_space', 'bamco_loss',
+           'alignment_loss', 'draw_text', 'KnowledgePairs', 'top1_matching', 'own_class_hits', 'knowledge_space_file',
+           'save_knowledge_spaces', 'load_knowledge_spaces']
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c008
 def _check_unit(x: torch.Tensor, name: str, tol: float = 1e-3) -> None:
@@ -31,9 +31,27 @@ def _check_unit(x: torch.Tensor, name: str, tol: float = 1e-3) -> None:
                          f"{norms.min().item():.3f}..{norms.max().item():.3f}); apply F.normalize first")
 
 
+def contrastive_masks(labels: torch.Tensor, views: int, num_classes: int, class_average: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(is_self, positive, weight), each [BV, BV + C], for B labels seen in `views` views plus C prototypes.
+    positive is P(i); weight is w_ij = N_{y_j} - [y_j = y_i] (all ones without class averaging: plain SupCon)."""
+    y = torch.cat([labels.repeat(views), torch.arange(num_classes, device=labels.device)])  # [BV + C]
+    n_anchors = len(labels) * views
+    is_self = torch.zeros(n_anchors, len(y), dtype=torch.bool, device=labels.device)
+    is_self[:, :n_anchors] = torch.eye(n_anchors, dtype=torch.bool, device=labels.device)
+    positive = (y[:n_anchors, None] == y[None, :]) & ~is_self  # P(i)
+    if not class_average:
+        return is_self, positive, torch.ones(positive.shape, device=labels.device)
+    class_size = torch.bincount(y, minlength=num_classes).float()  # N_c = V * count + 1
+    weight = class_size[y][None, :] - positive.float()  # w_ij = N_{y_j} - [y_j = y_i]  (BaMCo Eq. 1 class averaging)
+    return is_self, positive, weight
+
+
 def balanced_contrastive_loss(views: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
-                              temperature: float = 0.07) -> torch.Tensor:
-    """BaMCo Eq. 1. views [B, V, D], labels [B] in [0, C), prototypes [C, D]; all rows L2-normalised."""
+                              temperature: float = 0.07, class_average: bool = True,
+                              reduction: str = "mean") -> torch.Tensor:
+    """BaMCo Eq. 1. views [B, V, D], labels [B] in [0, C), prototypes [C, D]; all rows L2-normalised.
+    `class_average=False` gives plain supervised contrast with prototypes; `reduction='none'` the [BV] anchor losses."""
     if views.ndim != 3 or prototypes.ndim != 2 or labels.ndim != 1:
         raise ValueError(f"expected views [B, V, D], labels [B], prototypes [C, D]; got {list(views.shape)}, "
                          f"{list(labels.shape)}, {list(prototypes.shape)}")
@@ -46,31 +64,27 @@ def balanced_contrastive_loss(views: torch.Tensor, labels: torch.Tensor, prototy
         raise ValueError(f"labels must lie in [0, {C}); found {labels.min().item()}..{labels.max().item()}")
     _check_unit(views, "views")
     _check_unit(prototypes, "prototypes")
+    check_choice("reduction", reduction, ("mean", "none"))
     z = torch.cat([views.transpose(0, 1).reshape(B * V, D), prototypes])  # [BV + C, D], view-major rows
-    y = torch.cat([labels.repeat(V), torch.arange(C, device=labels.device)])  # [BV + C]
-    n_anchors = B * V
-    s = z[:n_anchors] @ z.T / temperature  # [BV, BV + C]  s_ij
-    is_self = torch.zeros_like(s, dtype=torch.bool)
-    is_self[:, :n_anchors] = torch.eye(n_anchors, dtype=torch.bool, device=s.device)
-    positive = (y[:n_anchors, None] == y[None, :]) & ~is_self  # [BV, BV + C]  P(i)
-    class_size = torch.bincount(y, minlength=C).to(s.dtype)  # N_c = V * count + 1
-    weight = class_size[y][None, :] - positive.to(s.dtype)  # w_ij = N_{y_j} - [y_j = y_i]  (BaMCo Eq. 1 class averaging)
-    log_den = torch.logsumexp((s - weight.log()).masked_fill(is_self, float("-inf")), dim=1)  # log Den_i
+    s = z[: B * V] @ z.T / temperature  # [BV, BV + C]  s_ij
+    is_self, positive, weight = contrastive_masks(labels, V, C, class_average)
+    log_den = torch.logsumexp((s - weight.to(s.dtype).log()).masked_fill(is_self, float("-inf")), dim=1)  # log Den_i
     log_prob = s - log_den[:, None]
     per_anchor = -(log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)  # BaMCo Eq. 1 mean over positives
-    return per_anchor.mean()
+    return per_anchor.mean() if reduction == "mean" else per_anchor
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c016
 def logit_adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor,
-                                 tau: float = 1.0) -> torch.Tensor:
-    """Cross-entropy of logits + tau * log(class prior). logits [B, C], labels [B], class_counts [C] (> 0)."""
+                                 prior_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of logits + prior_weight * log(class prior). logits [B, C], labels [B], class_counts [C] (> 0).
+    prior_weight = 0 is plain cross-entropy."""
     class_counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device)
     if class_counts.shape != (logits.shape[1],):
         raise ValueError(f"class_counts must have shape [{logits.shape[1]}], got {list(class_counts.shape)}")
     if (class_counts <= 0).any():
         raise ValueError("class_counts must all be positive (a class with no training sample has no prior)")
     log_prior = (class_counts / class_counts.sum()).log()
-    return F.cross_entropy(logits + tau * log_prior, labels)  # L_CE with logit compensation
+    return F.cross_entropy(logits + prior_weight * log_prior, labels)  # BaMCo L_CE with logit compensation
 
 # %% ../nbs/04_balanced_contrastive.ipynb #c019
 class IntraClassEncoder3D(nn.Module):
@@ -143,13 +157,15 @@ def encoders_share_space(image_encoder: str, text_encoder: str) -> bool:
 
 
 def bamco_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, class_counts: torch.Tensor,
-               temperature: float = 0.07, tau: float = 1.0, ce_weight: float = 0.5,
-               contrastive_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = lambda * L_CE + mu * mean of BaMCo Eq. 1 over (image, text), (image, intra), (intra, text); lambda = mu = 0.5."""
+               temperature: float = 0.07, prior_weight: float = 1.0, ce_weight: float = 0.5,
+               contrastive_weight: float = 0.5, balanced: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = lambda * L_CE + mu * mean of BaMCo Eq. 1 over (image, text), (image, intra), (intra, text); lambda = mu = 0.5.
+    `balanced=False` is the same objective without its two balancing devices: no class averaging in Eq. 1 and no
+    logit compensation in L_CE (the chapter's 'BaMCo w/o balancing' ablation)."""
     pairs = [("image", "text"), ("image", "intra"), ("intra", "text")]
-    contrastive = torch.stack([balanced_contrastive_loss(torch.stack([out[a], out[b]], dim=1), labels,
-                                                         out["prototypes"], temperature) for a, b in pairs]).mean()
-    ce = logit_adjusted_cross_entropy(out["logits"], labels, class_counts, tau)
+    contrastive = torch.stack([balanced_contrastive_loss(torch.stack([out[a], out[b]], dim=1), labels, out["prototypes"],
+                                                         temperature, class_average=balanced) for a, b in pairs]).mean()
+    ce = logit_adjusted_cross_entropy(out["logits"], labels, class_counts, prior_weight if balanced else 0.0)
     return ce_weight * ce + contrastive_weight * contrastive, {"ce": ce.item(), "contrastive": contrastive.item()}
 
 

@@ -17,9 +17,9 @@ from .core import check_choice, cpu_attention_kernel
 from .models import PrefixLM, prompt_answer_tensors
 
 # %% auto #0
-__all__ = ['SEM_FORMS', 'mfe_token_count', 'block_bounds', 'multi_scale_features', 'sequence_similarity', 'queue_distribution',
-           'text_queue_kl', 'GatedFusion', 'FusionVQA', 'released_semantic_loss', 'fusion_loss', 'queue_texts',
-           'FusionData', 'cross_attention']
+__all__ = ['SEM_FORMS', 'mfe_token_count', 'block_bounds', 'multi_scale_features', 'GatedFusion', 'sequence_similarity',
+           'queue_distribution', 'text_queue_kl', 'FusionVQA', 'released_semantic_loss', 'semantic_queue',
+           'fusion_loss', 'queue_texts', 'FusionData', 'cross_attention']
 
 # %% ../nbs/07_gated_fusion.ipynb #c008
 def mfe_token_count(scales: int) -> int:
@@ -49,49 +49,6 @@ def multi_scale_features(x: torch.Tensor, scales: int) -> torch.Tensor:
         pooled = F.adaptive_max_pool2d(grid_first, g) + F.adaptive_avg_pool2d(grid_first, g)  # [B, D, g, g]
         tokens.append(pooled.flatten(2).transpose(1, 2))  # [B, g*g, D]
     return torch.cat(tokens, 1)
-
-# %% ../nbs/07_gated_fusion.ipynb #c012
-def sequence_similarity(x: torch.Tensor, queue: torch.Tensor, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cosine similarity over the positions that count: x [B, L, D], queue [B, K, L, D] -> [B, K].
-    `position_mask` [B, K, L] (True: both tokens real) leaves padded positions out; None counts all L."""
-    cos = F.cosine_similarity(x[:, None], queue, dim=-1)  # [B, K, L]
-    if position_mask is None:
-        return cos.mean(-1)
-    if position_mask.shape != cos.shape:
-        raise ValueError(f"position_mask must be [B, K, L] = {list(cos.shape)}, got {list(position_mask.shape)}")
-    w = position_mask.to(cos.dtype)
-    return (cos * w).sum(-1) / w.sum(-1).clamp_min(1)  # no common real position: similarity 0
-
-
-def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.Tensor | None = None,
-                       temperature: float = 0.1, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """BioD2C Eq. 3: softmax over the K queue texts of sim(x, t_i) / tau, padded entries get 0: [B, K]."""
-    logits = sequence_similarity(x, queue, position_mask) / temperature
-    if queue_mask is not None:
-        logits = logits.masked_fill(~queue_mask, float("-inf"))
-    return logits.softmax(-1)
-
-
-def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, temperature: float = 0.1,
-                  queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """BioD2C Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
-    if image.shape != text.shape:
-        raise ValueError(f"image and text must have the same [B, L, D] shape, got {list(image.shape)} and {list(text.shape)}")
-    if queue.ndim != 4 or queue.shape[0] != image.shape[0] or queue.shape[2:] != image.shape[1:]:
-        raise ValueError(f"queue must be [B, K, L, D] = [{image.shape[0]}, K, {image.shape[1]}, {image.shape[2]}], got {list(queue.shape)}")
-    if queue.shape[1] == 0:
-        raise ValueError("the text queue is empty (K = 0)")
-    if queue_mask is not None:
-        if queue_mask.shape != queue.shape[:2]:
-            raise ValueError(f"queue_mask must be [B, K] = {list(queue.shape[:2])}, got {list(queue_mask.shape)}")
-        empty = (~queue_mask).all(1)
-        if empty.any():
-            raise ValueError(f"queue rows {empty.nonzero().flatten().tolist()} are all padding: every sample needs a real text")
-    p_v = queue_distribution(image, queue, queue_mask, temperature, position_mask)  # BioD2C Eq. 3
-    log_p_v = torch.log(p_v.clamp_min(1e-30))
-    log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature, position_mask).clamp_min(1e-30))
-    terms = torch.where(p_v > 0, p_v * (log_p_v - log_p_t), torch.zeros_like(p_v))  # padded entries add 0
-    return terms.sum() / len(image)  # BioD2C Eq. 4, batchmean
 
 # %% ../nbs/07_gated_fusion.ipynb #c015
 class GatedFusion(nn.Module):
@@ -149,6 +106,49 @@ class GatedFusion(nn.Module):
             out = out + self.proj_g(x_vt) * torch.tanh(self.beta)  # BioD2C Eq. 2
         return out, x_t
 
+# %% ../nbs/07_gated_fusion.ipynb #c012
+def sequence_similarity(x: torch.Tensor, queue: torch.Tensor, position_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine similarity over the positions that count: x [B, L, D], queue [B, K, L, D] -> [B, K].
+    `position_mask` [B, K, L] (True: both tokens real) leaves padded positions out; None counts all L."""
+    cos = F.cosine_similarity(x[:, None], queue, dim=-1)  # [B, K, L]
+    if position_mask is None:
+        return cos.mean(-1)
+    if position_mask.shape != cos.shape:
+        raise ValueError(f"position_mask must be [B, K, L] = {list(cos.shape)}, got {list(position_mask.shape)}")
+    w = position_mask.to(cos.dtype)
+    return (cos * w).sum(-1) / w.sum(-1).clamp_min(1)  # no common real position: similarity 0
+
+
+def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.Tensor | None = None,
+                       temperature: float = 0.1, position_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BioD2C Eq. 3: softmax over the K queue texts of sim(x, t_i) / tau, padded entries get 0: [B, K]."""
+    logits = sequence_similarity(x, queue, position_mask) / temperature
+    if queue_mask is not None:
+        logits = logits.masked_fill(~queue_mask, float("-inf"))
+    return logits.softmax(-1)
+
+
+def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, temperature: float = 0.1,
+                  queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BioD2C Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
+    if image.shape != text.shape:
+        raise ValueError(f"image and text must have the same [B, L, D] shape, got {list(image.shape)} and {list(text.shape)}")
+    if queue.ndim != 4 or queue.shape[0] != image.shape[0] or queue.shape[2:] != image.shape[1:]:
+        raise ValueError(f"queue must be [B, K, L, D] = [{image.shape[0]}, K, {image.shape[1]}, {image.shape[2]}], got {list(queue.shape)}")
+    if queue.shape[1] == 0:
+        raise ValueError("the text queue is empty (K = 0)")
+    if queue_mask is not None:
+        if queue_mask.shape != queue.shape[:2]:
+            raise ValueError(f"queue_mask must be [B, K] = {list(queue.shape[:2])}, got {list(queue_mask.shape)}")
+        empty = (~queue_mask).all(1)
+        if empty.any():
+            raise ValueError(f"queue rows {empty.nonzero().flatten().tolist()} are all padding: every sample needs a real text")
+    p_v = queue_distribution(image, queue, queue_mask, temperature, position_mask)  # BioD2C Eq. 3
+    log_p_v = torch.log(p_v.clamp_min(1e-30))
+    log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature, position_mask).clamp_min(1e-30))
+    terms = torch.where(p_v > 0, p_v * (log_p_v - log_p_t), torch.zeros_like(p_v))  # padded entries add 0
+    return terms.sum() / len(image)  # BioD2C Eq. 4, batchmean
+
 # %% ../nbs/07_gated_fusion.ipynb #c018
 class FusionVQA(PrefixLM):
     """A frozen causal LM (optionally with LoRA) reading BioD2C's fused visual tokens before the text."""
@@ -190,6 +190,17 @@ def released_semantic_loss(model: FusionVQA, batch: dict, temperature: float = 0
     return (p_t * (p_t.clamp_min(1e-30).log() - p_v.clamp_min(1e-30).log())).sum() / len(visual)
 
 
+def semantic_queue(model: FusionVQA, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text queue of BioD2C Eq. 3 in X_t's space, for the samples whose image has at least one related text:
+    (rows [B] bool, queue [b, K, L, width], queue_mask [b, K], position_mask [b, K, L] of positions real in both)."""
+    rows = batch["queue_mask"].any(1)
+    ids = batch["queue_ids"][rows]
+    b, k, l = ids.shape
+    queue = model.fusion.text_queries(model.embed(ids.flatten(0, 1))).view(b, k, l, -1)  # t_i through the same MLP as X_t
+    real = batch["query_mask"][rows][:, None, :] & batch["queue_token_mask"][rows]  # [b, K, L]: both tokens real
+    return rows, queue, batch["queue_mask"][rows], real
+
+
 def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperature: float = 0.1,
                 sem_form: str = "paper") -> tuple[torch.Tensor, dict[str, float]]:
     """BioD2C Eq. 5: sem_weight * L_sem + L_nll for a batch with patches, query, text, labels and (if sem_weight) the queue.
@@ -204,14 +215,10 @@ def fusion_loss(model: FusionVQA, batch: dict, sem_weight: float = 1.0, temperat
         sem = released_semantic_loss(model, batch, temperature)
         parts["sem"] = sem.item()
         return sem_weight * sem + nll, parts
-    rows = batch["queue_mask"].any(1)  # samples whose image has at least one related text
-    if not rows.any():
+    if not batch["queue_mask"].any():  # no sample's image has a related text
         return nll, parts
-    ids = batch["queue_ids"][rows]
-    b, k, l = ids.shape
-    queue = model.fusion.text_queries(model.embed(ids.flatten(0, 1))).view(b, k, l, -1)
-    real = batch["query_mask"][rows][:, None, :] & batch["queue_token_mask"][rows]  # [b, K, L]: both tokens real
-    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, batch["queue_mask"][rows], real)  # BioD2C Eq. 3-4
+    rows, queue, queue_mask, real = semantic_queue(model, batch)
+    sem = text_queue_kl(visual[rows], x_t[rows], queue, temperature, queue_mask, real)  # BioD2C Eq. 3-4
     parts["sem"] = sem.item()
     return sem_weight * sem + nll, parts  # BioD2C Eq. 5
 

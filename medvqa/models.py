@@ -667,10 +667,10 @@ def greedy_answers(model: nn.Module, data: torch.utils.data.Dataset, tokenizer: 
 
 def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_epochs: int = 3, seed: int = 0,
                   device: str = "auto", extra_vocabulary: Sequence[str] = (), width: int = 128,
-                  dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, str]:
+                  dtype: torch.dtype | None = None, resume: bool = True) -> tuple[nn.Module, Any, str]:
     """(frozen LM on the device, tokenizer, a note): 'tiny-llama' (`width` wide) is built over `texts` and pre-trained
-    on them (its run in a folder under `folder` named by its settings, so a re-run resumes it); any other registry
-    name is loaded pre-trained, in `dtype` (e.g. bfloat16 for a 13B model on one GPU)."""
+    on them (its run in a folder under `folder` named by its settings, so a re-run resumes or reloads it; `resume=False`
+    trains it again); any other registry name is loaded pre-trained, in `dtype` (e.g. bfloat16 for a 13B model on one GPU)."""
     if name == "tiny-llama":
         from medvqa.training import TrainConfig, fit, run_folder
         if not texts:
@@ -680,7 +680,8 @@ def causal_lm_for(name: str, texts: Sequence[str], folder: str | Path, pretrain_
         lm = tiny_llama(len(tokenizer), width=width)
         cfg = TrainConfig(epochs=pretrain_epochs, batch_size=64, lr=3e-3, seed=seed, device=device, checkpoint_every=10_000)
         run = fit(lm, lambda m, b: m(**b).loss, LanguageModelData(texts, tokenizer), cfg,
-                  run_dir=run_folder(folder, "tiny-llama", cfg, lm, texts=list(texts), vocabulary=list(extra_vocabulary)))
+                  run_dir=run_folder(folder, "tiny-llama", cfg, lm, texts=list(texts), vocabulary=list(extra_vocabulary)),
+                  resume=resume)
         note = f"pre-trained here: loss {run.history[0]['loss']:.2f} -> {run.history[-1]['loss']:.2f} in {run.seconds:.0f} s"
     else:
         lm, tokenizer = load_causal_lm(name, dtype=dtype)

@@ -22,17 +22,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .core import atomic_path, load_profile, project_root, to_builtin, write_json
+from .core import atomic_path, check_range, load_profile, project_root, to_builtin, write_json
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS', 'EQUATION_NAME',
-           'PAPER_CHAPTERS', 'INDEX_MARKERS', 'list_chapters', 'notebook_parameters', 'resolve_chapters',
-           'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks', 'check_values',
-           'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun', 'run_chapter',
-           'checked_values', 'profile_values_of', 'parameter_defaults', 'unavailable_models', 'reproduce',
-           'write_summary', 'read_summary', 'results_rows', 'results_table', 'results_reading', 'effects_table',
-           'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main', 'equation_index', 'figure_index',
-           'equation_index_markdown', 'write_equation_indexes', 'build_book']
+__all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS',
+           'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'list_chapters', 'notebook_parameters',
+           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks',
+           'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun',
+           'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults', 'unavailable_models',
+           'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
+           'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main',
+           'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes', 'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -286,10 +286,45 @@ def unavailable_models(values_of: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+CHAPTER_NEEDS = {  # the chapters whose outputs (data, caches, checkpoints, predictions) a chapter reads
+    "00_core": (), "00a_training": (), "00b_diagrams": (), "01_data": (),
+    "02_models": ("01_data",),
+    "02a_image_pretraining": ("01_data",),
+    "03_knowledge": ("01_data",),
+    "04_balanced_contrastive": ("02a_image_pretraining",),
+    "05_coregularized_pretraining": ("01_data",),
+    "06_difference_reconstruction": ("05_coregularized_pretraining",),
+    "07_gated_fusion": ("02_models", "02a_image_pretraining"),  # 02: the SmolLM2 tokenizer and conversions it caches
+    "08_knowledge_vqa": ("02_models", "04_balanced_contrastive"),
+    "09_evaluation": ("06_difference_reconstruction", "07_gated_fusion", "08_knowledge_vqa"),
+    "90_reproduce": (),
+}
+
+
+def chapter_needs(name: str, chosen: Sequence[str]) -> list[str]:
+    """The chosen chapters that must finish before `name` starts: those in CHAPTER_NEEDS (and what they need in turn),
+    or, for a chapter not listed there, every chosen chapter before it."""
+    before = list(chosen[: list(chosen).index(name)])
+    if name not in CHAPTER_NEEDS:
+        return before
+    needed, stack = set(), list(CHAPTER_NEEDS[name])
+    while stack:
+        other = stack.pop()
+        if other not in needed:
+            needed.add(other)
+            stack += CHAPTER_NEEDS.get(other, ())
+    return [n for n in before if n in needed]
+
+
 def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
               kernel: str = "medvqa", timeout: int = 1800, results_dir: str | Path | None = None,
-              nbs_dir: str | Path | None = None, profile_values: dict[str, Any] | None = None) -> list[ChapterRun]:
-    """Run chapters headless with a profile; write executed notebooks, metrics and the summary."""
+              nbs_dir: str | Path | None = None, profile_values: dict[str, Any] | None = None,
+              jobs: int = 1) -> list[ChapterRun]:
+    """Run chapters headless with a profile; write executed notebooks, metrics and the summary.
+    `jobs` > 1 runs up to that many chapters at once, each as soon as the chapters it needs have finished, with the
+    CPU cores shared between them (OMP_NUM_THREADS, unless it is set already)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    check_range("jobs", jobs, 1, 64)
     nbs_dir = Path(nbs_dir or project_root() / "nbs")
     profile_values = load_profile(profile) if profile_values is None else profile_values
     declared, values_of = checked_values(profile_values, chapters, overrides, nbs_dir)  # all before the first chapter runs
@@ -304,16 +339,31 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    bar = tqdm(names, desc=f"reproduce ({profile})", unit="chapter")
-    for name in bar:
-        bar.set_postfix(chapter=name)
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # the kernels inherit it: jobs chapters share the cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def run(name: str) -> ChapterRun:
         values = dict(values_of[name])
         if "metrics_path" in declared[name]:
             values["metrics_path"] = str(out_dir / f"{name}.metrics.json")
-        runs.append(run_chapter(nbs_dir / f"{name}.ipynb", out_dir, values, declared[name], kernel, timeout))
-        write_summary(runs, out_dir, profile)
-    return runs
+        return run_chapter(nbs_dir / f"{name}.ipynb", out_dir, values, declared[name], kernel, timeout)
+
+    finished: dict[str, ChapterRun] = {}
+    pending, running = list(names), {}
+    bar = tqdm(total=len(names), desc=f"reproduce ({profile})", unit="chapter")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for name in [n for n in pending if all(m in finished for m in chapter_needs(n, names))][: jobs - len(running)]:
+                pending.remove(name)
+                running[pool.submit(run, name)] = name
+            bar.set_postfix(chapters=",".join(sorted(running.values())))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished[running.pop(future)] = future.result()
+                bar.update()
+            write_summary([finished[n] for n in names if n in finished], out_dir, profile)
+    bar.close()
+    return [finished[n] for n in names]
 
 # %% ../nbs/90_reproduce.ipynb #c018
 def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
@@ -615,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="override one parameter (must be declared by a chosen chapter)")
     rep.add_argument("--kernel", default="medvqa", help="Jupyter kernel name (make registers 'medvqa')")
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell execution timeout in seconds")
+    rep.add_argument("--jobs", type=int, default=1, help="chapters run at once, each when the chapters it needs are done "
+                                                         "(make reproduce: 2; the cores are shared between them)")
     rep.add_argument("--results", default=None, help="output folder (default results/<profile>)")
     rep.add_argument("--list", action="store_true", help="list the chapters and their parameters, then exit")
     rep.add_argument("--plan", action="store_true", help="print the GPU plan of the chosen chapters (runs nothing)")
@@ -667,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("assumptions:", json.dumps(PLAN_ASSUMPTIONS))
             return 0
         runs = reproduce(args.profile, args.chapters, {k: _parse_value(v) for k, v in args.parameter},
-                         args.kernel, args.timeout, args.results)
+                         args.kernel, args.timeout, args.results, jobs=args.jobs)
     except (ValueError, FileNotFoundError) as error:
         print(f"medvqa reproduce: {error}", file=sys.stderr)
         return 2

@@ -9,8 +9,9 @@ from medvqa.balanced_contrastive import (KnowledgeSpace, alignment_loss, balance
                                          logit_adjusted_cross_entropy, top1_matching)
 
 
-def reference_loop(views, labels, prototypes, temperature):
-    """Eq. 1 written as plain loops over anchors and keys (the form of the BCL reference, one view index at a time)."""
+def reference_loop(views, labels, prototypes, temperature, class_average=True, per_anchor=False):
+    """Eq. 1 written as plain loops over anchors and keys (the form of the BCL reference, one view index at a time);
+    class_average=False: every key weighs 1 (plain supervised contrast with prototypes)."""
     B, V, _ = views.shape
     C = prototypes.shape[0]
     feats = [views[b, v] for v in range(V) for b in range(B)] + [prototypes[c] for c in range(C)]
@@ -22,11 +23,11 @@ def reference_loop(views, labels, prototypes, temperature):
         for j in range(len(feats)):
             if j == i:
                 continue
-            w = n[labs[j]] - (1 if labs[j] == labs[i] else 0)
+            w = n[labs[j]] - (1 if labs[j] == labs[i] else 0) if class_average else 1
             den += math.exp(float(feats[i] @ feats[j]) / temperature) / w
         positives = [j for j in range(len(feats)) if j != i and labs[j] == labs[i]]
         losses.append(-sum(float(feats[i] @ feats[p]) / temperature - math.log(den) for p in positives) / len(positives))
-    return sum(losses) / len(losses)
+    return losses if per_anchor else sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("B, V, D, C, tau", [(5, 2, 8, 4, 0.07), (7, 3, 4, 6, 0.5), (1, 2, 3, 3, 0.1), (4, 1, 5, 2, 1.0)])
@@ -37,6 +38,23 @@ def test_matches_plain_loop(B, V, D, C, tau):
     protos = F.normalize(torch.randn(C, D, generator=g, dtype=torch.float64), dim=-1)
     fast = balanced_contrastive_loss(views, labels, protos, tau)
     assert abs(fast.item() - reference_loop(views, labels, protos, tau)) < 1e-6
+    plain = balanced_contrastive_loss(views, labels, protos, tau, class_average=False)
+    assert abs(plain.item() - reference_loop(views, labels, protos, tau, class_average=False)) < 1e-6
+    anchors = balanced_contrastive_loss(views, labels, protos, tau, reduction="none")
+    assert anchors.shape == (B * V,)
+    assert max(abs(a - b) for a, b in zip(anchors.tolist(), reference_loop(views, labels, protos, tau, per_anchor=True))) < 1e-6
+
+
+def test_class_averaging_gives_a_rare_anchor_more_of_its_positive():
+    """One frequent class crowds the batch: class averaging shrinks its weight in a rare anchor's denominator."""
+    protos = torch.eye(3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1])
+    views = F.normalize(torch.tensor([[1.0, 0.3, 0.0]] * 6 + [[0.5, 1.0, 0.0]], dtype=torch.float64), dim=-1)[:, None]
+    balanced = balanced_contrastive_loss(views, labels, protos, 0.5, reduction="none")
+    plain = balanced_contrastive_loss(views, labels, protos, 0.5, class_average=False, reduction="none")
+    assert balanced[-1] < plain[-1]  # the class-1 anchor: six class-0 keys count as one class, not six rows
+    with pytest.raises(ValueError, match="reduction"):
+        balanced_contrastive_loss(views, labels, protos, reduction="sum")
 
 
 def test_invariant_to_sample_order_and_gradients_flow():
@@ -77,12 +95,14 @@ def test_logit_adjusted_ce_against_manual_formula():
     logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     labels = torch.tensor([2, 0])
     counts = torch.tensor([10.0, 30.0, 60.0])
-    tau = 0.7
+    prior_weight = 0.7
     manual = 0.0
     for row, y in zip(logits, labels):
-        adjusted = [float(row[c]) + tau * math.log(counts[c] / counts.sum()) for c in range(3)]
+        adjusted = [float(row[c]) + prior_weight * math.log(counts[c] / counts.sum()) for c in range(3)]
         manual += -(adjusted[y] - math.log(sum(math.exp(a) for a in adjusted)))
-    assert abs(logit_adjusted_cross_entropy(logits, labels, counts, tau).item() - manual / 2) < 1e-6
+    assert abs(logit_adjusted_cross_entropy(logits, labels, counts, prior_weight).item() - manual / 2) < 1e-6
+    assert abs(logit_adjusted_cross_entropy(logits, labels, counts, prior_weight=0.0).item()
+               - F.cross_entropy(logits, labels).item()) < 1e-6  # no adjustment: plain cross-entropy
     with pytest.raises(ValueError, match="positive"):
         logit_adjusted_cross_entropy(logits, labels, torch.tensor([1.0, 0.0, 2.0]))
     with pytest.raises(ValueError, match=r"shape \[3\]"):
@@ -103,6 +123,10 @@ def test_bamco_loss_combines_terms_with_weights():
     assert parts["ce"] == pytest.approx(ce.item()) and parts["contrastive"] == pytest.approx(contrastive.item())
     torch.testing.assert_close(out["prototypes"].norm(dim=-1), torch.ones(3))
     assert out["logits"].abs().max() <= 30 + 1e-4  # cosine classifier with scale 30
+    unbalanced, _ = bamco_loss(out, labels, counts, temperature=0.2, ce_weight=0.3, contrastive_weight=0.7, balanced=False)
+    plain = sum(balanced_contrastive_loss(torch.stack([out[a], out[b]], 1), labels, out["prototypes"], 0.2,
+                                          class_average=False) for a, b in pairs) / 3
+    torch.testing.assert_close(unbalanced, 0.3 * F.cross_entropy(out["logits"], labels) + 0.7 * plain)
 
 
 def test_alignment_loss_and_matching():

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from lm_helpers import CharTokenizer, char_ids, tiny_lm
 from medvqa.gated_fusion import (FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss,
-                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, sequence_similarity,
-                                 text_queue_kl)
+                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, semantic_queue,
+                                 sequence_similarity, text_queue_kl)
 
 
 @pytest.mark.parametrize("scales, m", [(1, 1), (2, 5), (3, 21), (6, 1365)])
@@ -242,6 +242,25 @@ def test_fusion_loss_weights_and_training_step():
     assert eval_loss() < 0.97 * first  # a frozen random LM leaves little room, but the loss must fall
     base = [p for n, p in model.lm.named_parameters() if "lora" not in n]
     assert all(p.grad is None for p in base) and any(p.grad is not None for p in model.fusion.parameters())
+
+
+def test_semantic_queue_leaves_out_samples_without_texts_and_gives_fusion_loss_its_l_sem():
+    lm, data = tiny_lm(), tiny_data()
+    model = FusionVQA(lm, GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8)).eval()
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    batch["queue_mask"][1] = False  # the second sample's image has no related text
+    with torch.no_grad():
+        rows, queue, queue_mask, real = semantic_queue(model, batch)
+        assert rows.tolist() == [True, False, True] and queue.shape[:2] == (2, 3) and real.shape == (2, 3, 4)
+        for j, b in enumerate((0, 2)):  # each row's queue: the question's MLP applied to that sample's queue texts
+            for k in range(3):
+                expected = model.fusion.text_queries(model.embed(batch["queue_ids"][b, k][None]))[0]
+                assert torch.allclose(queue[j, k], expected, atol=1e-6)
+                assert real[j, k].tolist() == (batch["query_mask"][b] & batch["queue_token_mask"][b, k]).tolist()
+        visual, x_t = model.visual_prefix(batch)
+        sem = text_queue_kl(visual[rows], x_t[rows], queue, 0.1, queue_mask, real)
+        _, parts = fusion_loss(model, batch, 1.0, 0.1)
+    assert math.isclose(parts["sem"], sem.item(), rel_tol=1e-6)
 
 
 def test_generate_returns_new_tokens_only():

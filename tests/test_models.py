@@ -294,6 +294,15 @@ def test_causal_lm_for_tiny_llama_pretrains_and_freezes(tmp_path, smollm2):
     assert not any(p.requires_grad for p in lm.parameters()) and not lm.training
     start, end = [float(x) for x in note.split("loss ")[1].split(" in")[0].split(" -> ")]
     assert end < start
+    checkpoint = next((tmp_path / "lm").glob("*/checkpoint.pt"))
+    stamp = checkpoint.stat().st_mtime_ns
+    again, _, _ = models.causal_lm_for("tiny-llama", texts, tmp_path / "lm", pretrain_epochs=2, seed=0, device="cpu",
+                                       extra_vocabulary=["Describe this image."])  # loads the finished run
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values()))
+    models.causal_lm_for("tiny-llama", texts, tmp_path / "lm", pretrain_epochs=2, seed=0, device="cpu",
+                         extra_vocabulary=["Describe this image."], resume=False)  # trains it again
+    assert checkpoint.stat().st_mtime_ns != stamp
     with pytest.raises(ValueError, match="no texts"):
         models.causal_lm_for("tiny-llama", [], tmp_path / "empty")
 

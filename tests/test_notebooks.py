@@ -35,8 +35,9 @@ def test_nbdev_export_and_clean_change_nothing(tmp_path):
 
 
 def test_every_chapter_runs_in_the_smoke_profile(tmp_path):
-    # one seed keeps the suite short: the seeded loops, the effects and the curve still run (make reproduce uses 3)
-    runs = rep.reproduce("smoke", overrides={"seeds": 1}, results_dir=tmp_path, timeout=900)
+    # one seed keeps the suite short: the seeded loops, the effects and the curve still run (make reproduce uses 3);
+    # two chapters at a time, as make reproduce runs them
+    runs = rep.reproduce("smoke", overrides={"seeds": 1}, results_dir=tmp_path, timeout=900, jobs=2)
     failed = {r.chapter: r.error for r in runs if r.status != "passed"}
     assert not failed, failed
     assert {r.chapter for r in runs} == set(rep.list_chapters())

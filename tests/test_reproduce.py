@@ -385,3 +385,39 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     assert pages[1].read_text().count('src="data:image/png;base64') == 1 and "42" in pages[2].read_text()
     with pytest.raises(FileNotFoundError, match="no executed notebooks"):
         rep.build_book(tmp_path / "empty", tmp_path / "book2")
+
+
+def test_chapter_needs_follow_the_map_and_default_to_every_earlier_chapter(monkeypatch):
+    monkeypatch.setattr(rep, "CHAPTER_NEEDS", {"01_a": (), "02_b": (), "03_c": ("01_a",), "04_d": ("03_c",)})
+    chosen = ["01_a", "02_b", "03_c", "04_d", "05_e"]
+    assert rep.chapter_needs("02_b", chosen) == []
+    assert rep.chapter_needs("04_d", chosen) == ["01_a", "03_c"]  # what it needs, and what that needs in turn
+    assert rep.chapter_needs("04_d", ["03_c", "04_d"]) == ["03_c"]  # only chapters that were chosen
+    assert rep.chapter_needs("05_e", chosen) == ["01_a", "02_b", "03_c", "04_d"]  # not in the map: all before it
+
+
+def _waits_for(mine: str, other: str) -> str:
+    """A chapter body that marks its start, then waits (at most 60 s) for `other` to have started too."""
+    return (f"import pathlib, time, json\nroot = pathlib.Path(metrics_path).parent\n(root / '{mine}.started').touch()\n"
+            f"deadline = time.time() + 60\nwhile not (root / '{other}.started').exists() and time.time() < deadline:\n"
+            f"    time.sleep(0.2)\nassert (root / '{other}.started').exists(), 'ran alone'\n"
+            "json.dump({'metrics': {'steps': steps}}, open(metrics_path, 'w'))")
+
+
+def test_jobs_run_independent_chapters_at_once_and_dependents_after(tmp_path, monkeypatch):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _chapter(nbs / "01_a.ipynb", _waits_for("a", "b"))  # a and b can only pass if they run at the same time
+    _chapter(nbs / "02_b.ipynb", _waits_for("b", "a"))
+    _chapter(nbs / "03_c.ipynb", "import pathlib, json\nroot = pathlib.Path(metrics_path).parent\n"
+                                 "assert (root / '01_a.metrics.json').is_file(), 'started before the chapter it needs'\n"
+                                 "json.dump({'metrics': {}}, open(metrics_path, 'w'))")
+    monkeypatch.setattr(rep, "CHAPTER_NEEDS", {"01_a": (), "02_b": (), "03_c": ("01_a",)})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs = rep.reproduce("smoke", nbs_dir=nbs, results_dir=tmp_path / "out", profile_values={"profile": "smoke"}, jobs=2)
+    assert [(r.chapter, r.status, r.error) for r in runs] == [("01_a", "passed", ""), ("02_b", "passed", ""),
+                                                               ("03_c", "passed", "")]
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [c["chapter"] for c in saved["chapters"]] == ["01_a", "02_b", "03_c"]  # the summary keeps the chapter order
+    with pytest.raises(ValueError, match="jobs"):
+        rep.reproduce("smoke", nbs_dir=nbs, results_dir=tmp_path / "out", profile_values={"profile": "smoke"}, jobs=0)
