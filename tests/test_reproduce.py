@@ -419,5 +419,7 @@ def test_jobs_run_independent_chapters_at_once_and_dependents_after(tmp_path, mo
                                                                ("03_c", "passed", "")]
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [c["chapter"] for c in saved["chapters"]] == ["01_a", "02_b", "03_c"]  # the summary keeps the chapter order
+    assert saved["jobs"] == 2 and 0 < saved["wall_seconds"] < sum(c["seconds"] for c in saved["chapters"])  # a, b overlapped
+    assert "with up to 2 at once" in (tmp_path / "out" / "summary.md").read_text()
     with pytest.raises(ValueError, match="jobs"):
         rep.reproduce("smoke", nbs_dir=nbs, results_dir=tmp_path / "out", profile_values={"profile": "smoke"}, jobs=0)
