@@ -129,8 +129,10 @@ def queue_distribution(x: torch.Tensor, queue: torch.Tensor, queue_mask: torch.T
 
 
 def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, temperature: float = 0.1,
-                  queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """BioD2C Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D]."""
+                  queue_mask: torch.Tensor | None = None, position_mask: torch.Tensor | None = None,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """BioD2C Eq. 4: KL(p(v) || p(t)) summed over the queue, averaged over the batch; image, text [B, L, D], queue [B, K, L, D].
+    `reduction='none'` gives each sample's KL [B]."""
     if image.shape != text.shape:
         raise ValueError(f"image and text must have the same [B, L, D] shape, got {list(image.shape)} and {list(text.shape)}")
     if queue.ndim != 4 or queue.shape[0] != image.shape[0] or queue.shape[2:] != image.shape[1:]:
@@ -147,7 +149,8 @@ def text_queue_kl(image: torch.Tensor, text: torch.Tensor, queue: torch.Tensor, 
     log_p_v = torch.log(p_v.clamp_min(1e-30))
     log_p_t = torch.log(queue_distribution(text, queue, queue_mask, temperature, position_mask).clamp_min(1e-30))
     terms = torch.where(p_v > 0, p_v * (log_p_v - log_p_t), torch.zeros_like(p_v))  # padded entries add 0
-    return terms.sum() / len(image)  # BioD2C Eq. 4, batchmean
+    check_choice("reduction", reduction, ("batchmean", "none"))
+    return terms.sum() / len(image) if reduction == "batchmean" else terms.sum(1)  # BioD2C Eq. 4
 
 # %% ../nbs/07_gated_fusion.ipynb #c018
 class FusionVQA(PrefixLM):

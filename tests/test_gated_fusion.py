@@ -77,6 +77,12 @@ def test_text_queue_kl_matches_loop(use_mask):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool) if use_mask else None
     for tau in (0.1, 1.0):
         assert abs(text_queue_kl(image, text, queue, tau, mask).item() - kl_loop(image, text, queue, tau, mask)) < 1e-8
+        per_sample = text_queue_kl(image, text, queue, tau, mask, reduction="none")
+        for b in range(3):  # each sample's KL is the loop's on that sample alone
+            one = None if mask is None else mask[b:b + 1]
+            assert abs(per_sample[b].item() - kl_loop(image[b:b + 1], text[b:b + 1], queue[b:b + 1], tau, one)) < 1e-8
+    with pytest.raises(ValueError, match="reduction"):
+        text_queue_kl(image, text, queue, reduction="sum")
 
 
 def test_padded_positions_do_not_count_in_the_similarity():
