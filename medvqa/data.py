@@ -34,8 +34,8 @@ __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES'
            'load_pathvqa', 'load_hf_parquet', 'download', 'draw_scene', 'sample_scene', 'scene_questions',
            'scene_caption', 'write_knowledge_graph', 'generate_synthetic', 'parse_synthetic_options',
            'unlabelled_training_images', 'synthetic_name', 'synthetic_root', 'load_split', 'split_overlap',
-           'image_transform', 'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset', 'collate_vqa',
-           'QuestionBagOfWords', 'LearnabilityProbe']
+           'image_transform', 'displayable', 'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset',
+           'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
 
 # %% ../nbs/01_data.ipynb #c008
 @dataclass
@@ -849,6 +849,11 @@ def image_transform(size: int, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Seq
         steps.append(T.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
     return T.Compose(steps)
+
+
+def displayable(images: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+    """Images normalised by `image_transform`, [..., 3, S, S], as [..., S, S, 3] values in [0, 1] for imshow."""
+    return (images.detach().cpu() * std + mean).clamp(0, 1).movedim(-3, -1).numpy()
 
 
 def answer_vocabulary(records: Iterable[VQARecord], min_count: int = 1) -> list[str]:
