@@ -339,7 +339,8 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # the kernels inherit it: jobs chapters share the cores
+    threads_set = jobs > 1 and "OMP_NUM_THREADS" not in os.environ
+    if threads_set:  # the kernels inherit it: jobs chapters share the cores (removed again when the run ends)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def run(name: str) -> ChapterRun:
@@ -351,19 +352,23 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     started, finished = time.perf_counter(), {}
     pending, running = list(names), {}
     bar = tqdm(total=len(names), desc=f"reproduce ({profile})", unit="chapter")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while pending or running:
-            for name in [n for n in pending if all(m in finished for m in chapter_needs(n, names))][: jobs - len(running)]:
-                pending.remove(name)
-                running[pool.submit(run, name)] = name
-            bar.set_postfix(chapters=",".join(sorted(running.values())))
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                finished[running.pop(future)] = future.result()
-                bar.update()
-            write_summary([finished[n] for n in names if n in finished], out_dir, profile,
-                          wall_seconds=time.perf_counter() - started, jobs=jobs)
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while pending or running:
+                for name in [n for n in pending if all(m in finished for m in chapter_needs(n, names))][: jobs - len(running)]:
+                    pending.remove(name)
+                    running[pool.submit(run, name)] = name
+                bar.set_postfix(chapters=",".join(sorted(running.values())))
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished[running.pop(future)] = future.result()
+                    bar.update()
+                write_summary([finished[n] for n in names if n in finished], out_dir, profile,
+                              wall_seconds=time.perf_counter() - started, jobs=jobs)
+    finally:
+        bar.close()
+        if threads_set:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return [finished[n] for n in names]
 
 # %% ../nbs/90_reproduce.ipynb #c018
