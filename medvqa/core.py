@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ import yaml
 # %% auto #0
 __all__ = ['PROFILES', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir', 'profiles_dir',
            'load_profile', 'seed_everything', 'pick_device', 'cpu_attention_kernel', 'atomic_path', 'atomic_folder',
-           'to_builtin', 'write_json', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
-           'MetricsWriter', 'metrics_file']
+           'file_lock', 'build_once', 'to_builtin', 'write_json', 'rng_state', 'set_rng_state', 'save_checkpoint',
+           'load_checkpoint', 'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full", "rehearsal")  # rehearsal: full's code paths on a CPU
@@ -150,17 +150,60 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield an empty temporary folder beside `path` (its own, so writers running at once never share one); it
+    replaces `path` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the file `path` (created if missing) during the block; other processes and threads
+    asking for it wait. The operating system drops it when its holder dies, so a killed run leaves no stale lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if os.name == "nt":  # Windows: msvcrt locks one byte; LK_LOCK gives up after 10 s, so ask again
+            import msvcrt
+            while True:
+                try:
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+        else:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            if os.name == "nt":
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            else:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def build_once(folder: str | os.PathLike, ready: str, build: Callable[[Path], Any]) -> Path:
+    """`folder`, made by `build(folder)` unless `folder/ready` exists. The check and the build run under a lock beside the
+    folder, so chapters running at once (`medvqa reproduce --jobs`) build a cached folder once and never read it half-made;
+    `build` should write through `atomic_folder`."""
+    folder = Path(folder)
+    if not (folder / ready).is_file():
+        with file_lock(folder.with_name(folder.name + ".lock")):
+            if not (folder / ready).is_file():  # another process may have built it while we waited
+                build(folder)
+    if not (folder / ready).is_file():
+        raise RuntimeError(f"{folder}: building it left no {ready}")
+    return folder
 
 
 def to_builtin(value: Any) -> Any:

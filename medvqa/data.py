@@ -23,7 +23,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from .core import atomic_folder, atomic_path, cache_root, check_choice, check_range, data_root
+from .core import atomic_folder, atomic_path, build_once, cache_root, check_choice, check_range, data_root
 
 # %% auto #0
 __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
@@ -811,9 +811,8 @@ def synthetic_root(n_images: int = 480, seed: int = 0, options: str = "") -> Pat
     """The cached synthetic dataset for (n_images, seed, options), generated on first use; options get their own folder."""
     name = synthetic_name(n_images, seed, options).removeprefix("synthetic-")
     folder = cache_root() / "synthetic" / f"v{SYNTHETIC_VERSION}-{name}"
-    if not (folder / "scenes.json").is_file():
-        generate_synthetic(folder, n_images, seed, **parse_synthetic_options(options))
-    return folder
+    # chapters running at once generate it once (the others wait for it), never reading a half-written folder
+    return build_once(folder, "scenes.json", lambda f: generate_synthetic(f, n_images, seed, **parse_synthetic_options(options)))
 
 # %% ../nbs/01_data.ipynb #c039
 def load_split(name: str, split: str = "train", root: str | Path | None = None, *, language: str = "en",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import atomic_folder, cache_root, check_choice, pick_device, seed_everything
+from .core import atomic_folder, build_once, cache_root, check_choice, pick_device, seed_everything
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS',
@@ -488,10 +488,7 @@ def convert_smollm2(dest: str | Path) -> Path:
 
 def smollm2_folder() -> Path:
     """The cached safetensors copy of SmolLM2-135M-Instruct, converted on first use."""
-    dest = cache_root() / "models" / "smollm2-135m-instruct"
-    if not (dest / "config.json").is_file():
-        convert_smollm2(dest)
-    return dest
+    return build_once(cache_root() / "models" / "smollm2-135m-instruct", "config.json", convert_smollm2)
 
 
 LM_FILES = ["config.json", "model.safetensors|model.safetensors.index.json|pytorch_model.bin",

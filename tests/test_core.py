@@ -1,6 +1,10 @@
 """Tests of medvqa.core: parameter checks, profiles, seeding, devices, atomic files, checkpoints, metrics."""
 import json
+import multiprocessing
+import os
+import time
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +127,47 @@ def test_atomic_folder_replaces_only_on_success(tmp_path):
             raise RuntimeError("killed")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .partial left behind
+
+
+def test_atomic_folder_gives_each_writer_its_own_temporary_folder(tmp_path):
+    with core.atomic_folder(tmp_path / "ds") as first, core.atomic_folder(tmp_path / "ds") as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        (first / "a.txt").write_text("first")
+        (second / "b.txt").write_text("second")
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["a.txt"]  # the last writer to finish wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def _slow_counted_build(folder: Path) -> None:
+    with open(folder.parent / "builds.log", "a") as log:
+        log.write(f"{os.getpid()}\n")
+    with core.atomic_folder(folder) as tmp:
+        time.sleep(0.5)  # the other process arrives while this one builds
+        (tmp / "part.txt").write_text("part")
+        (tmp / "ready.txt").write_text("ready")
+
+
+def _ask_for_folder(folder: Path, results) -> None:
+    built = core.build_once(folder, "ready.txt", _slow_counted_build)
+    results.put(sorted(p.name for p in built.iterdir()))
+
+
+def test_build_once_builds_once_when_processes_ask_at_once(tmp_path):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_ask_for_folder, args=(tmp_path / "cached", results)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert [results.get(timeout=5) for _ in workers] == [["part.txt", "ready.txt"]] * 3
+    assert len((tmp_path / "builds.log").read_text().split()) == 1  # one process built it, the others waited and read it
+
+
+def test_build_once_fails_when_the_builder_leaves_no_ready_file(tmp_path):
+    with pytest.raises(RuntimeError, match="left no ready.txt"):
+        core.build_once(tmp_path / "cached", "ready.txt", lambda folder: folder.mkdir())
 
 
 def test_cpu_attention_kernel_computes_plain_attention():
