@@ -200,6 +200,8 @@ def build_once(folder: str | os.PathLike, ready: str, build: Callable[[Path], An
     if not (folder / ready).is_file():
         with file_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / ready).is_file():  # another process may have built it while we waited
+                for stale in folder.parent.glob(f".{folder.name}.*.partial"):  # left by a builder that was killed
+                    shutil.rmtree(stale, ignore_errors=True)
                 build(folder)
     if not (folder / ready).is_file():
         raise RuntimeError(f"{folder}: building it left no {ready}")

@@ -18,9 +18,9 @@ from .data import ANSWER_TYPES, normalize_answer
 # %% auto #0
 __all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
            'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap', 'image_use_report',
-           'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary', 'effect_verdict', 'effects_lines',
-           'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
-           'question_only_answers', 'write_predictions', 'read_predictions']
+           'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary', 'effect_verdict',
+           'detectable_sentence', 'effects_lines', 'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores',
+           'text_metrics', 'majority_answers', 'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -226,14 +226,34 @@ def seed_summary(scores: dict[str, object]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def effect_verdict(effect: dict) -> str:
-    """A reading of one effect from its interval."""
+def effect_verdict(effect: dict, short: bool = False) -> str:
+    """A reading of one effect from its interval (`short`: a few words, for tables)."""
     if effect["ci_low"] > 0:
-        return "the interval is above 0: the component helps"
+        return "above 0" if short else "the interval is above 0: the component helps"
     if effect["ci_high"] < 0:
-        return "the interval is below 0: the model is better without it"
+        return "below 0" if short else "the interval is below 0: the model is better without it"
+    if effect["ci_low"] == effect["ci_high"] == 0:  # every paired difference is 0: the interval has no width to read
+        return ("same score on every question" if short else "the two variants score every question the same in every "
+                "seed: the component changed no result, and a zero-width interval says nothing about what could be detected")
+    if short:
+        return f"includes 0 (detectable ≈ {100 * effect['detectable']:.1f})"
     return (f"the interval includes 0: no effect shown; a difference of about {100 * effect['detectable']:.1f} points "
             f"would have been detected")
+
+
+def detectable_sentence(effects: Sequence[dict]) -> str:
+    """What the experiment could have detected, read from its effects' intervals; comparisons whose two variants scored
+    every question the same (a zero-width interval, which bounds nothing) are named apart."""
+    same = [e for e in effects if e["ci_low"] == e["ci_high"] == 0]
+    sized = sorted(100 * e["detectable"] for e in effects if not any(e is s for s in same))
+    parts = []
+    if sized:
+        low, high = f"{sized[0]:.1f}", f"{sized[-1]:.1f}"
+        parts.append(f"Differences of about {low if low == high else f'{low} to {high}'} points would have been detected")
+    if same:
+        parts.append(f"{', '.join(e['comparison'] for e in same)}: the same score on every question in every seed, so "
+                     "that component changed nothing here")
+    return "; ".join(parts) + "."
 
 
 def effects_lines(effects: Sequence[dict]) -> list[str]:
@@ -296,6 +316,9 @@ def rouge1(predictions: Sequence[str], references: Sequence[str]) -> list[float]
 def bert_scores(predictions: Sequence[str], references: Sequence[str], model: str = "minilm", batch_size: int = 64) -> list[float]:
     """BERTScore F1 (bert-score) per pair; 'minilm' uses the offline MiniLM, else a bert-score model name."""
     from bert_score import BERTScorer
+    if not model:
+        raise ValueError("bert_scores needs a model: 'minilm' or a bert-score model name (bertscore_model='' leaves BERTScore out "
+                         "of text_metrics)")
     if model == "minilm":
         from medvqa.models import minilm_folder
         scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6, lang="en", batch_size=batch_size)

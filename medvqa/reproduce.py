@@ -502,12 +502,12 @@ def results_reading(runs: dict[str, str | Path], reported_path: str | Path | Non
 
 def effects_table(runs: dict[str, str | Path]) -> str:
     """A markdown table of every chapter's seeded ablation effects (metrics 'effects') in several run folders."""
+    from medvqa.evaluation import effect_verdict
     lines = ["| run | chapter | comparison | difference, points [95 % CI] | seeds × questions | reading |", "| --- " * 6 + "|"]
     for label, folder in runs.items():
         for run in read_summary(folder).get("chapters", []):
             for e in run.get("metrics", {}).get("metrics", {}).get("effects", []):
-                reading = ("above 0" if e["ci_low"] > 0 else "below 0" if e["ci_high"] < 0 else
-                           f"includes 0 (detectable ≈ {100 * e['detectable']:.1f})")
+                reading = effect_verdict(e, short=True)  # medvqa.evaluation
                 lines.append(f"| {label} | {run['chapter'].split('_')[0]} | {e['comparison']} | {100 * e['difference']:+.1f} "
                              f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}] | {e['seeds']} × {e['questions']} | {reading} |")
     return "\n".join(lines) if len(lines) > 2 else ""

@@ -165,6 +165,14 @@ def test_build_once_builds_once_when_processes_ask_at_once(tmp_path):
     assert len((tmp_path / "builds.log").read_text().split()) == 1  # one process built it, the others waited and read it
 
 
+def test_build_once_removes_what_a_killed_builder_left(tmp_path):
+    stale = tmp_path / ".cached.abc123.partial"
+    stale.mkdir()
+    (stale / "half.txt").write_text("half")
+    core.build_once(tmp_path / "cached", "ready.txt", _slow_counted_build)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builds.log", "cached", "cached.lock"]
+
+
 def test_build_once_fails_when_the_builder_leaves_no_ready_file(tmp_path):
     with pytest.raises(RuntimeError, match="left no ready.txt"):
         core.build_once(tmp_path / "cached", "ready.txt", lambda folder: folder.mkdir())

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from medvqa.data import VQARecord
-from medvqa.evaluation import (SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, question_kind,
-                               read_predictions, rouge1, score_answer, score_predictions, score_records, text_metrics,
-                               write_predictions)
+from medvqa.evaluation import (SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, detectable_sentence,
+                               effect_verdict, question_kind, read_predictions, rouge1, score_answer, score_predictions,
+                               score_records, text_metrics, write_predictions)
 
 CASES = [  # prediction, reference, answer type, expected strict / bamco / llava-med
     ("Yes", "yes", "closed", (1, 1, 1)),
@@ -103,6 +103,9 @@ def test_bertscore_offline_and_text_metrics():
     assert bert_scores(["", "left lung", "  "], ["liver", "left lung", "spleen"], "minilm") == [0.0, pytest.approx(same), 0.0]
     metrics = text_metrics(["left lung"], ["left lung"], None)
     assert metrics == {"bleu1": pytest.approx(1.0), "rouge1": pytest.approx(1.0)}
+    assert text_metrics(["left lung"], ["left lung"], "") == metrics  # bertscore_model="" leaves BERTScore out
+    with pytest.raises(ValueError, match="bert_scores needs a model"):
+        bert_scores(["yes"], ["no"], "")
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         text_metrics(["a", "b"], ["a"], None)
 
@@ -270,11 +273,21 @@ def test_seeded_effect_properties_and_ablation_effects():
     wide, pooled = seeded_effect(full, mixed, images), paired_bootstrap(full.mean(0), mixed.mean(0), images)
     assert wide["ci_high"] - wide["ci_low"] > 2 * (pooled["ci_high"] - pooled["ci_low"])
     assert wide["detectable"] > 0
-    effects = ablation_effects({"full": full, "w/o A": np.zeros((3, 50)), "w/o B": full}, images)
-    assert [e["comparison"] for e in effects] == ["full - w/o A", "full - w/o B"]
+    effects = ablation_effects({"full": full, "w/o A": np.zeros((3, 50)), "w/o B": full, "w/o C": mixed}, images)
+    assert [e["comparison"] for e in effects] == ["full - w/o A", "full - w/o B", "full - w/o C"]
     assert effects[0]["ci_low"] == 1.0 and effects[1]["difference"] == 0.0
     lines = effects_lines(effects)
-    assert "helps" in lines[0] and "includes 0" in lines[1] and "3 seeds x 50 questions on 10 images" in lines[0]
+    assert "helps" in lines[0] and "3 seeds x 50 questions on 10 images" in lines[0]
+    # identical scores give a zero-width interval: read as "changed nothing", not as "0.0 points would be detected"
+    assert "score every question the same" in lines[1] and "detected" not in lines[1].split(":")[-1].split(",")[0]
+    assert "includes 0" in lines[2] and f"about {100 * effects[2]['detectable']:.1f} points" in lines[2]
+    reading = detectable_sentence(effects)
+    assert reading == (f"Differences of about {100 * min(effects[0]['detectable'], effects[2]['detectable']):.1f} to "
+                       f"{100 * max(effects[0]['detectable'], effects[2]['detectable']):.1f} points would have been detected; "
+                       "full - w/o B: the same score on every question in every seed, so that component changed nothing here.")
+    assert detectable_sentence(effects[1:2]).startswith("full - w/o B: the same score")
+    assert [effect_verdict(e, short=True) for e in effects] == [
+        "above 0", "same score on every question", f"includes 0 (detectable ≈ {100 * effects[2]['detectable']:.1f})"]
     summary = seed_summary({"full": full, "mixed": mixed}).set_index("variant")
     assert summary.loc["mixed", "mean"] == pytest.approx(0.5) and summary.loc["mixed", "sd"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same seeds and questions"):
