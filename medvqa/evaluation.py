@@ -226,13 +226,18 @@ def seed_summary(scores: dict[str, object]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _zero_width(effect: dict) -> bool:
+    """Every paired difference was 0 (the variants scored every question the same): the interval has no width to read."""
+    return effect["ci_low"] == effect["ci_high"] == 0
+
+
 def effect_verdict(effect: dict, short: bool = False) -> str:
     """A reading of one effect from its interval (`short`: a few words, for tables)."""
     if effect["ci_low"] > 0:
         return "above 0" if short else "the interval is above 0: the component helps"
     if effect["ci_high"] < 0:
         return "below 0" if short else "the interval is below 0: the model is better without it"
-    if effect["ci_low"] == effect["ci_high"] == 0:  # every paired difference is 0: the interval has no width to read
+    if _zero_width(effect):
         return ("same score on every question" if short else "the two variants score every question the same in every "
                 "seed: the component changed no result, and a zero-width interval says nothing about what could be detected")
     if short:
@@ -244,8 +249,8 @@ def effect_verdict(effect: dict, short: bool = False) -> str:
 def detectable_sentence(effects: Sequence[dict]) -> str:
     """What the experiment could have detected, read from its effects' intervals; comparisons whose two variants scored
     every question the same (a zero-width interval, which bounds nothing) are named apart."""
-    same = [e for e in effects if e["ci_low"] == e["ci_high"] == 0]
-    sized = sorted(100 * e["detectable"] for e in effects if not any(e is s for s in same))
+    same = [e for e in effects if _zero_width(e)]
+    sized = sorted(100 * e["detectable"] for e in effects if not _zero_width(e))
     parts = []
     if sized:
         low, high = f"{sized[0]:.1f}", f"{sized[-1]:.1f}"
