@@ -19,9 +19,8 @@ from .core import cpu_attention_kernel
 # %% auto #0
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
            'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights',
-           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'load_image_files', 'load_images',
-           'PretrainingData', 'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss',
-           'answer_hits', 'answer_accuracy']
+           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'PretrainingData', 'corpus_root',
+           'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_hits', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -284,22 +283,6 @@ def derived_captions(records) -> dict[str, str]:
         text = f"{r.modality or 'medical'} image of the {where}"
         captions[r.image_id] = text + (f"; shows {', '.join(l.lower() for l in labels)}" if labels else "")
     return captions
-
-
-def load_image_files(paths: dict[str, Path], image_size: int) -> dict[str, torch.Tensor]:
-    """{image_id: [3, S, S] tensor} of {image_id: file} (normalised as in `image_transform`)."""
-    from PIL import Image
-    from medvqa.data import image_transform
-    to_tensor, images = image_transform(image_size), {}
-    for image_id, path in paths.items():
-        with Image.open(path) as im:
-            images[image_id] = to_tensor(im.convert("RGB"))
-    return images
-
-
-def load_images(records, image_size: int) -> dict[str, torch.Tensor]:
-    """{image_id: [3, S, S] tensor} for every distinct image of `records`."""
-    return load_image_files({r.image_id: r.image_path for r in records}, image_size)
 
 
 class PretrainingData(torch.utils.data.Dataset):

@@ -34,8 +34,8 @@ __all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES'
            'load_pathvqa', 'load_hf_parquet', 'download', 'draw_scene', 'sample_scene', 'scene_questions',
            'scene_caption', 'write_knowledge_graph', 'generate_synthetic', 'parse_synthetic_options',
            'unlabelled_training_images', 'synthetic_name', 'synthetic_root', 'load_split', 'split_overlap',
-           'image_transform', 'displayable', 'answer_vocabulary', 'fixed_subset', 'mean_image', 'VQADataset',
-           'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
+           'image_transform', 'displayable', 'answer_vocabulary', 'fixed_subset', 'mean_image', 'load_image_files',
+           'load_images', 'VQADataset', 'collate_vqa', 'QuestionBagOfWords', 'LearnabilityProbe']
 
 # %% ../nbs/01_data.ipynb #c008
 @dataclass
@@ -231,13 +231,15 @@ def _vqa_rad_record(raw: dict, file: Path, images: Path, split: str, index: int)
 
 def load_vqa_rad(root: str | Path | None = None, split: str = "train", layout: str = "auto",
                  missing_images: str = "error") -> list[VQARecord]:
-    """VQA-RAD from the OSF release (`layout='osf'`) or the MEVF split files (`'mevf'`)."""
+    """VQA-RAD from the OSF release (`layout='osf'`) or the MEVF split files (`'mevf'`).
+
+    `'auto'` reads the MEVF files where they are present (the 3,064 training questions the papers train on), else OSF."""
     split = canonical_split(split, ("train", "test"))
     check_choice("layout", layout, ("auto", "osf", "mevf"))
     base = dataset_root("vqa-rad", root)
     osf = find_files(base, "VQA_RAD Dataset Public.json")
     mevf = find_files(base, f"{split}set.json")
-    if layout == "osf" or (layout == "auto" and osf):
+    if layout == "osf" or (layout == "auto" and osf and not mevf):
         if not osf:
             raise DatasetError(base, "no 'VQA_RAD Dataset Public.json' found (OSF layout)")
         file = osf[0]
@@ -877,6 +879,25 @@ def mean_image(images: Iterable[torch.Tensor]) -> torch.Tensor:
     if not images:
         raise ValueError("mean_image: no images")
     return torch.stack(images).mean(0)
+
+
+def load_image_files(paths: dict[str, Path], image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                     std: Sequence[float] = (0.5, 0.5, 0.5)) -> dict[str, torch.Tensor]:
+    """{image_id: [3, S, S] tensor} of {image_id: file}, resized and normalised as in `image_transform`."""
+    to_tensor, images = image_transform(image_size, mean, std), {}
+    for image_id, path in paths.items():
+        try:
+            with Image.open(path) as im:
+                images[image_id] = to_tensor(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+            raise DatasetError(path, f"unreadable image ({type(error).__name__}: {error})", image_id, "image") from None
+    return images
+
+
+def load_images(records: Iterable[VQARecord], image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                std: Sequence[float] = (0.5, 0.5, 0.5)) -> dict[str, torch.Tensor]:
+    """{image_id: [3, S, S] tensor} for every distinct image of `records`."""
+    return load_image_files({r.image_id: r.image_path for r in records}, image_size, mean, std)
 
 
 class VQADataset(Dataset):

@@ -5,10 +5,13 @@
 # %% ../nbs/09_evaluation.ipynb #c003
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,11 +19,12 @@ import pandas as pd
 from .data import ANSWER_TYPES, normalize_answer
 
 # %% auto #0
-__all__ = ['SCORING_MODES', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions', 'score_records',
-           'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap', 'image_use_report',
-           'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary', 'effect_verdict',
-           'detectable_sentence', 'effects_lines', 'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores',
-           'text_metrics', 'majority_answers', 'question_only_answers', 'write_predictions', 'read_predictions']
+__all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions',
+           'score_records', 'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap',
+           'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary',
+           'effect_verdict', 'detectable_sentence', 'effects_lines', 'ablation_regime', 'plot_effects', 'bleu1',
+           'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'QuestionOnlyModel', 'fit_question_only',
+           'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -360,19 +364,73 @@ def majority_answers(train_records: Sequence, test_records: Sequence) -> list[st
     return [top.get(r.answer_type) or fallback for r in test_records]
 
 
-def question_only_answers(train_records: Sequence, test_records: Sequence, seed: int = 0, max_iter: int = 300) -> list[str]:
-    """Answers of a bag-of-words (1-2 grams) logistic regression trained on the training questions; no image."""
+QUESTION_ONLY_GRID = {"C": (0.03, 0.1, 0.3, 1.0), "ngrams": (1, 2)}
+
+
+@dataclass
+class QuestionOnlyModel:
+    """A linear SVM (one answer against the rest) over the question's n-grams, its settings chosen on held-out training questions."""
+    C: float
+    ngrams: int  # n-grams of 1..ngrams words
+    held_out_accuracy: float  # exact match on the held-out training questions, at the chosen settings
+    held_out_questions: int
+    vectorizer: Any = None
+    classifier: Any = None
+    constant: str | None = None  # the one training answer, when there is only one
+
+    def predict(self, questions: Sequence[str]) -> list[str]:
+        if self.constant is not None or not questions:
+            return [self.constant] * len(questions)
+        return list(self.classifier.predict(self.vectorizer.transform(list(questions))))
+
+    def describe(self) -> str:
+        return (f"C = {self.C:g}, 1-{self.ngrams} grams, chosen on {self.held_out_questions} held-out training questions "
+                f"({100 * self.held_out_accuracy:.1f} % there)")
+
+
+def _fit_question_only(questions: Sequence[str], answers: Sequence[str], C: float, ngrams: int, seed: int, max_iter: int):
     from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+    words = CountVectorizer(ngram_range=(1, ngrams), lowercase=True)
+    x = words.fit_transform(list(questions))
+    with warnings.catch_warnings():  # a C at the grid's edge may stop before full convergence; the held-out score judges it
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return words, LinearSVC(C=C, max_iter=max_iter, random_state=seed).fit(x, list(answers))
+
+
+def fit_question_only(train_records: Sequence, seed: int = 0, held_out: float = 0.2, max_iter: int = 1000,
+                      grid: dict[str, Sequence] = QUESTION_ONLY_GRID) -> QuestionOnlyModel:
+    """Choose C and the n-gram range on a held-out share of the training *images* (their questions never train the
+    choice; paraphrases of one image's question stay on one side), then refit on every training question."""
     if not train_records:
         raise ValueError("question_only_answers: no training records")
     answers = [normalize_answer(r.answer) for r in train_records]
     if len(set(answers)) == 1:
-        return [answers[0]] * len(test_records)
-    words = CountVectorizer(ngram_range=(1, 2), lowercase=True)
-    x = words.fit_transform([r.question for r in train_records])
-    model = LogisticRegression(max_iter=max_iter, random_state=seed).fit(x, answers)
-    return list(model.predict(words.transform([r.question for r in test_records]))) if test_records else []
+        return QuestionOnlyModel(float("nan"), 1, 1.0, 0, constant=answers[0])
+    images = sorted({r.image_id for r in train_records})
+    rng = np.random.default_rng(seed)
+    held = set(rng.permutation(images)[:max(1, round(held_out * len(images)))].tolist()) if len(images) > 1 else set()
+    fit_rows = [i for i, r in enumerate(train_records) if r.image_id not in held]
+    val_rows = [i for i, r in enumerate(train_records) if r.image_id in held]
+    best = (0.1, 2, float("nan"))  # where nothing can be held out
+    if val_rows and len({answers[i] for i in fit_rows}) > 1:
+        scores = {}
+        for C in grid["C"]:
+            for n in grid["ngrams"]:
+                words, model = _fit_question_only([train_records[i].question for i in fit_rows],
+                                                  [answers[i] for i in fit_rows], C, n, seed, max_iter)
+                guess = model.predict(words.transform([train_records[i].question for i in val_rows]))
+                scores[C, n] = float(np.mean([g == answers[i] for g, i in zip(guess, val_rows)]))
+        (C, n), score = max(scores.items(), key=lambda kv: (kv[1], -kv[0][1], -abs(math.log10(kv[0][0]))))
+        best = (C, n, score)
+    words, model = _fit_question_only([r.question for r in train_records], answers, best[0], best[1], seed, max_iter)
+    return QuestionOnlyModel(best[0], best[1], best[2], len(val_rows), words, model)
+
+
+def question_only_answers(train_records: Sequence, test_records: Sequence, seed: int = 0, max_iter: int = 1000) -> list[str]:
+    """Answers of the tuned question-only baseline (`fit_question_only`): the text alone, never the image."""
+    return fit_question_only(train_records, seed, max_iter=max_iter).predict([r.question for r in test_records])
 
 # %% ../nbs/09_evaluation.ipynb #c021
 PREDICTION_COLUMNS = ("chapter", "variant", "dataset", "qid", "question", "reference", "prediction", "answer_type", "question_type")

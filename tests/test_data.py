@@ -19,7 +19,7 @@ from medvqa.data import DatasetError, load_split, normalize_answer
 
 # ---------------------------------------------------------------- official formats on the shared copies
 @pytest.mark.parametrize("name, split, language, expected", [
-    ("vqa-rad", "train", "en", 1797), ("vqa-rad", "test", "en", 451),
+    ("vqa-rad", "train", "en", 3064), ("vqa-rad", "test", "en", 451),
     ("slake", "train", "en", 4919), ("slake", "validate", "en", 1053), ("slake", "test", "en", 1061),
     ("slake", "train", "zh", 4916), ("slake", "val", "zh", 1046), ("slake", "test", "zh", 1033),
     ("pathvqa", "train", "en", 19755), ("pathvqa", "val", "en", 6279), ("pathvqa", "test", "en", 6761),
@@ -30,14 +30,20 @@ def test_official_counts(shared_data, name, split, language, expected):
 
 
 def test_vqa_rad_traps_and_mevf(shared_data):
-    train = load_split("vqa-rad", "train")
-    by_qid = {r.qid: r for r in train}
+    osf = data.load_vqa_rad(split="train", layout="osf")
+    by_qid = {r.qid: r for r in osf}
     assert by_qid["0"].question == "Are regions of the brain infarcted?" and by_qid["0"].answer_type == "closed"
-    assert all(isinstance(r.answer, str) for r in train)
-    assert sum(r.answer.isdigit() for r in train) >= 5  # integer answers became strings
-    assert {r.answer_type for r in train} == {"open", "closed"}  # "CLOSED " was stripped
-    assert len(data.load_vqa_rad(split="train", layout="mevf")) == 3064
-    assert all(r.image_path.is_file() for r in train)
+    assert len(osf) == 1797 and {r.extra["phrase_type"] for r in osf} == {"freeform", "para"}
+    train = load_split("vqa-rad", "train")  # auto: the MEVF files, the 3,064 questions the papers train on
+    assert len(data.load_vqa_rad(split="train", layout="mevf")) == len(train) == 3064
+    assert {r.extra["phrase_type"] for r in train} == {"freeform", "para", "frame"}
+    for records in (osf, train):
+        assert all(isinstance(r.answer, str) for r in records)
+        assert sum(r.answer.isdigit() for r in records) >= 5  # integer answers became strings
+        assert {r.answer_type for r in records} == {"open", "closed"}  # "CLOSED " was stripped
+        assert all(r.image_path.is_file() for r in records)
+    mevf_test, osf_test = (data.load_vqa_rad(split="test", layout=l) for l in ("mevf", "osf"))
+    assert sorted((r.image_id, r.question) for r in mevf_test) == sorted((r.image_id, r.question) for r in osf_test)
     with pytest.raises(ValueError, match="train, test"):
         load_split("vqa-rad", "val")
 
@@ -61,10 +67,11 @@ def test_pathvqa_missing_images_skip_and_error(shared_data):
 
 
 def test_vqa_rad_overlap_check(shared_data):
-    train, test = load_split("vqa-rad", "train"), load_split("vqa-rad", "test")
-    overlap = data.split_overlap(train, test)
-    assert len(overlap) == 1  # one test question repeats a training question on the same image
-    assert len({r.image_id for r in test} & {r.image_id for r in train}) == 202
+    test, osf = load_split("vqa-rad", "test"), data.load_vqa_rad(split="train", layout="osf")
+    assert len(data.split_overlap(osf, test)) == 1  # one test question repeats a training question on the same image
+    assert len({r.image_id for r in test} & {r.image_id for r in osf}) == 202
+    mevf = load_split("vqa-rad", "train")  # its frame rephrasings coincide with 15 more test questions
+    assert len(data.split_overlap(mevf, test)) == 16 and len({r.image_id for r in test} & {r.image_id for r in mevf}) == 203
 
 
 # ---------------------------------------------------------------- answer normalisation
@@ -452,3 +459,14 @@ def test_fixed_subset_depends_only_on_seed_and_keeps_order():
     assert data.fixed_subset(records, 0, seed=3) == records and data.fixed_subset(records, 99, seed=3) == records
     with pytest.raises(ValueError, match="n must be >= 0"):
         data.fixed_subset(records, -1, seed=0)
+
+
+def test_load_images_uses_the_encoders_statistics_and_names_a_broken_file(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    red = data.load_image_files({"red": tmp_path / "red.png"}, 8, mean=(0.5, 0.0, 0.0), std=(0.25, 1.0, 1.0))["red"]
+    assert red.shape == (3, 8, 8)
+    assert torch.allclose(red[:, 0, 0], torch.tensor([2.0, 0.0, 0.0]))  # (1 - 0.5) / 0.25, (0 - 0) / 1, ...
+    with pytest.raises(DatasetError, match=r"broken.jpg, record img7, field 'image': unreadable image"):
+        data.load_image_files({"img7": tmp_path / "broken.jpg"}, 8)

