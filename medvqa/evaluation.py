@@ -190,17 +190,26 @@ def image_use_report(records: Sequence, predictions: Sequence[str], question_onl
     paired = {f"model - {name}": paired_bootstrap(per_question["model"], per_question[name], images, samples, seed=seed)
               for name in ("question-only", "blank image")}
     mean = lambda xs: float(np.mean(xs))
+    by_type = {t: {"questions": len(rows), **{name: mean([per_question[name][i] for i in rows]) for name in lists}}
+               for t in ANSWER_TYPES if (rows := [i for i, r in enumerate(records) if r.answer_type == t])}
     return {"overall": mean(per_question["model"]), "question_only_overall": mean(per_question["question-only"]),
-            "blank_image_overall": mean(per_question["blank image"]), "paired": paired, "mode": mode}
+            "blank_image_overall": mean(per_question["blank image"]), "paired": paired, "by_type": by_type, "mode": mode}
 
 
 def image_use_lines(report: dict, model: str) -> list[str]:
     """One readable line per paired comparison of an `image_use_report`, with its verdict."""
     lines = []
     for comparison, d in report["paired"].items():
-        verdict = "above 0: the image helps" if d["ci_low"] > 0 else "includes 0: no evidence at this size"
+        verdict = ("above 0: the image helps" if d["ci_low"] > 0 else
+                   f"below 0: the model loses to the {comparison.split(' - ')[1]} baseline" if d["ci_high"] < 0 else
+                   "includes 0: no evidence at this size")
         lines.append(f"{model} {comparison}: {100 * d['difference']:+.1f} points, 95 % interval [{100 * d['ci_low']:+.1f}, "
                      f"{100 * d['ci_high']:+.1f}] over {d['questions']} questions on {d['clusters']} images ({verdict})")
+    if report["paired"]["model - question-only"]["ci_high"] < 0 and report.get("by_type"):
+        parts = [f"{t} questions {100 * v['model']:.1f} % against question-only {100 * v['question-only']:.1f} % "
+                 f"(blank image {100 * v['blank image']:.1f} %, n = {v['questions']})" for t, v in report["by_type"].items()]
+        lines.append(f"where {model} loses: " + "; ".join(parts) + ". A model that scores about the same on blank images "
+                     "has not learned to read the image, and its answers lose to the text alone.")
     return lines
 
 # %% ../nbs/09_evaluation.ipynb #c013f
@@ -392,11 +401,13 @@ def _fit_question_only(questions: Sequence[str], answers: Sequence[str], C: floa
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
-    words = CountVectorizer(ngram_range=(1, ngrams), lowercase=True)
-    x = words.fit_transform(list(questions))
+    pairs = Counter(zip(questions, answers))  # templated questions repeat: one row per (question, answer), weighted by
+    words = CountVectorizer(ngram_range=(1, ngrams), lowercase=True)  # its count, is the same hinge loss, summed
+    x = words.fit_transform([q for q, _ in pairs])
     with warnings.catch_warnings():  # a C at the grid's edge may stop before full convergence; the held-out score judges it
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return words, LinearSVC(C=C, max_iter=max_iter, random_state=seed).fit(x, list(answers))
+        model = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
+        return words, model.fit(x, [a for _, a in pairs], sample_weight=np.array(list(pairs.values()), dtype=float))
 
 
 def fit_question_only(train_records: Sequence, seed: int = 0, held_out: float = 0.2, max_iter: int = 1000,

@@ -356,3 +356,35 @@ def test_question_only_chooses_its_ngrams_on_held_out_training_images():
     assert "1-2 grams" in model.describe()
     only = fit_question_only(train[:1])
     assert only.predict(["anything?"]) == ["liver"]
+
+
+def test_image_use_lines_say_when_a_model_loses_to_the_text_alone():
+    from medvqa.evaluation import image_use_lines, image_use_report
+    records = [VQARecord("synthetic", "test", str(q), f"img{q}", None, "q", ans, "closed" if ans in ("yes", "no") else "open")
+               for q, ans in enumerate(["yes", "no", "yes", "liver", "lung", "ct"] * 5)]
+    truth = [r.answer for r in records]
+    weak = ["no" if r.answer_type == "closed" else "x" for r in records]  # 5 of 30 right
+    report = image_use_report(records, weak, truth, weak, seed=0)
+    assert report["by_type"]["open"] == {"questions": 15, "model": 0.0, "question-only": 1.0, "blank image": 0.0}
+    lines = image_use_lines(report, "weak")
+    assert "(below 0: the model loses to the question-only baseline)" in lines[0]
+    assert "(includes 0: no evidence at this size)" in lines[1]  # the same answers on blank images: difference 0
+    assert lines[2].startswith("where weak loses: open questions 0.0 % against question-only 100.0 % (blank image "
+                               "0.0 %, n = 15); closed questions 33.3 % against question-only 100.0 %")
+
+
+def test_question_only_weighted_unique_rows_equal_the_repeated_rows():
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.svm import LinearSVC
+    from medvqa.evaluation import _fit_question_only
+    rng = np.random.default_rng(0)
+    words_ = ["left", "right", "lung", "liver", "mass", "is", "there", "which", "organ", "bright"]
+    questions = [" ".join(rng.choice(words_, 4)) for _ in range(25)]
+    rows = [(questions[i], ["yes", "no", "liver"][i % 3]) for i in rng.integers(0, 25, 300)]  # repeats
+    q, a = zip(*rows)
+    words, model = _fit_question_only(q, a, C=0.3, ngrams=2, seed=0, max_iter=20000)
+    assert model.classes_.tolist() == ["liver", "no", "yes"]
+    plain_words = CountVectorizer(ngram_range=(1, 2)).fit(q)
+    plain = LinearSVC(C=0.3, max_iter=20000, random_state=0).fit(plain_words.transform(q), a)
+    probe = [" ".join(rng.choice(words_, 4)) for _ in range(200)] + questions
+    assert (model.predict(words.transform(probe)) == plain.predict(plain_words.transform(probe))).mean() > 0.99  # unweighted: 0.89

@@ -20,7 +20,7 @@ def smollm2():
 def test_unknown_names_list_known_ones():
     with pytest.raises(ValueError, match="'minilm'.*'smollm2-135m'"):
         models.model_spec("gpt-5")
-    with pytest.raises(ValueError, match="'small-vit', 'small-cnn', 'small-cnn-ssl', 'biomedclip'"):
+    with pytest.raises(ValueError, match="'small-vit', 'small-cnn', 'small-cnn-ssl', 'effnet-lite0', 'biomedclip'"):
         models.load_image_encoder("resnet-50")
 
 
