@@ -21,10 +21,10 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['PROFILES', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir', 'profiles_dir',
-           'load_profile', 'seed_everything', 'pick_device', 'cpu_attention_kernel', 'atomic_path', 'atomic_folder',
-           'file_lock', 'build_once', 'to_builtin', 'write_json', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'load_checkpoint', 'MetricsWriter', 'metrics_file']
+__all__ = ['PROFILES', 'PROGRESS_ENV', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir',
+           'profiles_dir', 'load_profile', 'seed_everything', 'pick_device', 'cpu_attention_kernel', 'atomic_path',
+           'atomic_folder', 'file_lock', 'build_once', 'to_builtin', 'write_json', 'rng_state', 'set_rng_state',
+           'save_checkpoint', 'load_checkpoint', 'progress_bar', 'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full", "rehearsal")  # rehearsal: full's code paths on a CPU
@@ -275,6 +275,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a truncated or foreign file
         raise RuntimeError(f"{path}: not a readable medvqa checkpoint ({type(error).__name__}: {error})") from error
+
+# %% ../nbs/00_core.ipynb #5baf58d1
+PROGRESS_ENV = "MEDVQA_PROGRESS"  # "text": few-line text bars (headless runs); anything else: tqdm.auto (widgets in Jupyter)
+
+
+def progress_bar(iterable: Iterable | None = None, **kwargs: Any):
+    """A tqdm bar over `iterable`: a widget in JupyterLab, or in headless runs (MEDVQA_PROGRESS=text) a text bar that
+    redraws at most every MEDVQA_PROGRESS_SECONDS seconds and is silent when nested inside another text bar."""
+    if os.environ.get(PROGRESS_ENV, "") != "text":
+        from tqdm.auto import tqdm
+        return tqdm(iterable, **kwargs)
+    import sys
+    from tqdm.std import tqdm as text_tqdm
+    nested = any(not bar.disable for bar in list(text_tqdm._instances))
+    kwargs.setdefault("mininterval", float(os.environ.get("MEDVQA_PROGRESS_SECONDS", 60)))
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.update(position=0, dynamic_ncols=False)
+    kwargs.setdefault("ncols", 100)
+    kwargs["disable"] = bool(kwargs.get("disable", False)) or nested
+    return text_tqdm(iterable, **kwargs)
+
 
 # %% ../nbs/00_core.ipynb #c029
 class MetricsWriter:

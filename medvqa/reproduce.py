@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from tqdm.auto import tqdm
+from .core import PROGRESS_ENV, progress_bar
 
 from .core import atomic_path, check_range, load_profile, project_root, to_builtin, write_json
 
@@ -28,11 +28,12 @@ from .core import atomic_path, check_range, load_profile, project_root, to_built
 __all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS',
            'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'list_chapters', 'notebook_parameters',
            'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks',
-           'check_values', 'injected_names', 'check_executed', 'reported_results', 'paper_value', 'ChapterRun',
-           'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults', 'unavailable_models',
-           'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows', 'results_table',
-           'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan', 'plan_table', 'main',
-           'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes', 'build_book']
+           'check_values', 'injected_names', 'check_executed', 'fold_streams', 'reported_results', 'paper_value',
+           'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
+           'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows',
+           'results_table', 'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan',
+           'plan_table', 'main', 'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes',
+           'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -172,6 +173,19 @@ def check_executed(notebook: Any, declared: dict[str, Any], metrics_path: Path) 
         problems.append(f"did not write its metrics file {metrics_path}")
     return problems
 
+
+def fold_streams(path: Path) -> int:
+    """Fold the stream outputs of the executed notebook at `path` in place (joined, carriage returns applied);
+    returns how many outputs were removed."""
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+    notebook = nbformat.read(str(path), as_version=4)
+    before = sum(len(c.get("outputs", [])) for c in notebook.cells)
+    notebook, _ = CoalesceStreamsPreprocessor().preprocess(notebook, {})
+    with atomic_path(path) as tmp:
+        nbformat.write(notebook, str(tmp))
+    return before - sum(len(c.get("outputs", [])) for c in notebook.cells)
+
 # %% ../nbs/90_reproduce.ipynb #c013
 def reported_results(path: str | Path | None = None) -> list[dict[str, str]]:
     """Rows of papers/reported_results.csv."""
@@ -224,6 +238,8 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
     except Exception as e:  # kernel missing, timeout, ...
         error = f"{type(e).__name__}: {e}"[:2000]
     seconds = time.perf_counter() - start
+    if out_nb.is_file():
+        fold_streams(out_nb)
     if not error:
         problems = check_executed(nbformat.read(str(out_nb), as_version=4), declared, metrics_path)
         error = "; ".join(problems)
@@ -339,9 +355,12 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
+    bar = progress_bar(total=len(names), desc=f"reproduce ({profile})", unit="chapter")  # the runner's own bar
     threads_set = jobs > 1 and "OMP_NUM_THREADS" not in os.environ
     if threads_set:  # the kernels inherit it: jobs chapters share the cores (removed again when the run ends)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    progress_before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "text"  # the kernels draw few-line text bars (medvqa.core.progress_bar)
 
     def run(name: str) -> ChapterRun:
         values = dict(values_of[name])
@@ -351,7 +370,6 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
 
     started, finished = time.perf_counter(), {}
     pending, running = list(names), {}
-    bar = tqdm(total=len(names), desc=f"reproduce ({profile})", unit="chapter")
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             while pending or running:
@@ -369,6 +387,10 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         bar.close()
         if threads_set:
             os.environ.pop("OMP_NUM_THREADS", None)
+        if progress_before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = progress_before
     return [finished[n] for n in names]
 
 # %% ../nbs/90_reproduce.ipynb #c018

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
+from .core import progress_bar
 from transformers import get_cosine_schedule_with_warmup
 
 from .core import check_choice, check_range, load_checkpoint, pick_device, save_checkpoint, set_rng_state, to_builtin
@@ -223,7 +223,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
         logged = accelerator.reduce(logged, "mean")  # the mean over processes: one process with the global batch logs the same
         return {"loss": float(logged[0]), **{k: float(v) for k, v in zip(names, logged[1:])}}
 
-    bar = tqdm(total=total, initial=step, desc="train", disable=not config.progress or not accelerator.is_main_process)
+    bar = progress_bar(total=total, initial=step, desc="train", disable=not config.progress or not accelerator.is_main_process)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     while step < total:
@@ -254,7 +254,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train_data: Dataset, config: Tr
             row = {"step": step, "epoch": epoch, "loss": row.pop("loss"), "lr": float(scheduler.get_last_lr()[0]), **row}
             history.append(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if step % steps_per_epoch == 0 and eval_fn is not None:
                 model.eval()
                 with torch.no_grad():
