@@ -11,7 +11,7 @@ PROFILE ?= smoke
 # chapters run at once when they do not need each other's outputs (medvqa reproduce --jobs)
 JOBS ?= 2
 
-.PHONY: venv reproduce test lab export clean-nbs book
+.PHONY: venv reproduce test lab export clean-nbs book browser
 
 $(STAMP): requirements.txt setup.py settings.ini pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,19 @@ book: venv
 	$(BIN)/medvqa book --results results/$(PROFILE) --out book/$(PROFILE)
 
 test: venv
+	@$(MAKE) --no-print-directory browser || echo "make test: no Chromium, so the browser tests will be skipped (in CI they fail)" >&2
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# Debian's headless Chromium for the browser tests (tests/test_reader_browser.py: JupyterLab and the book);
+# .ci/run calls it before `make test`. Without it those tests are skipped locally (an error in CI).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver \
+	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }; \
+	else echo "make browser: apt-get is not available on this machine. Install Chromium with your package manager and" \
+	  "point MEDVQA_CHROMIUM at its binary; the browser tests are skipped without it (pytest -m 'not browser' leaves them out)." >&2; exit 1; fi
 
 lab: venv
 	$(BIN)/jupyter lab nbs/

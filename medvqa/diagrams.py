@@ -14,7 +14,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['NODE_KINDS', 'NODE_STYLES', 'shape_text', 'Node', 'DataFlow']
+__all__ = ['NODE_KINDS', 'NODE_STYLES', 'shape_text', 'Node', 'fit_text_in_box', 'DataFlow']
 
 # %% ../nbs/00b_diagrams.ipynb #c008
 NODE_KINDS = ("tensor", "module", "frozen", "loss")
@@ -39,6 +39,20 @@ class Node:
     y: float  # centre, in box heights
     kind: str = "tensor"  # one of NODE_KINDS
     shape: str = ""  # printed under the label (tensors: their shape; losses: their equation)
+
+
+def fit_text_in_box(text: plt.Text, patch: FancyBboxPatch, margin: float = 0.9, smallest: float = 5.0) -> float:
+    """Shrink `text`'s font until it fits inside `margin` of `patch` as drawn (never below `smallest` pt); returns the size."""
+    renderer = text.figure.canvas.get_renderer()
+    box = patch.get_window_extent(renderer)
+    size = text.get_fontsize()
+    while size > smallest:
+        extent = text.get_window_extent(renderer)
+        if extent.width <= margin * box.width and extent.height <= margin * box.height:
+            break
+        size = max(smallest, size * 0.92)
+        text.set_fontsize(size)
+    return size
 
 
 class DataFlow:
@@ -72,7 +86,7 @@ class DataFlow:
         if ax is None:
             width, height = max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
             _, ax = plt.subplots(figsize=(scale * width, 0.9 * scale * height * box[1] / box[0] + 0.9))
-        patches = {}
+        patches, labels = {}, []
         for name, n in self.nodes.items():
             face, edge, style, hatch = NODE_STYLES[n.kind]
             patch = FancyBboxPatch((n.x - box[0] / 2, n.y - box[1] / 2), box[0], box[1], boxstyle=style, facecolor=face,
@@ -80,9 +94,10 @@ class DataFlow:
             ax.add_patch(patch)
             patches[name] = patch
             text = n.label + (f"\n{n.shape}" if n.shape else "")
-            ax.text(n.x, n.y, text, ha="center", va="center", fontsize=fontsize, zorder=3,
-                    family="monospace" if n.kind == "tensor" and n.shape else None,
-                    bbox=dict(boxstyle="round,pad=0.1", fc=face, ec="none") if hatch else None)  # readable over hatching
+            label = ax.text(n.x, n.y, text, ha="center", va="center", fontsize=fontsize, zorder=3,
+                            family="monospace" if n.kind == "tensor" and n.shape else None,
+                            bbox=dict(boxstyle="round,pad=0.1", fc=face, ec="none") if hatch else None)  # readable over hatching
+            labels.append((label, patch))
         for source, target, label in self.edges:
             a, b = self.nodes[source], self.nodes[target]
             ax.add_patch(FancyArrowPatch((a.x, a.y), (b.x, b.y), patchA=patches[source], patchB=patches[target],
@@ -95,6 +110,8 @@ class DataFlow:
         ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
         ax.set_aspect("auto")
         ax.axis("off")
+        for label, patch in labels:  # once the limits are set, the boxes have their drawn size
+            fit_text_in_box(label, patch)
         kinds = [k for k in NODE_KINDS if any(n.kind == k for n in self.nodes.values())]
         ax.legend(handles=[Patch(facecolor=NODE_STYLES[k][0], edgecolor=NODE_STYLES[k][1], hatch=NODE_STYLES[k][3], label=k)
                            for k in kinds], loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(kinds),

@@ -22,9 +22,9 @@ from .data import ANSWER_TYPES, normalize_answer
 __all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions',
            'score_records', 'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap',
            'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary',
-           'effect_verdict', 'detectable_sentence', 'effects_lines', 'ablation_regime', 'plot_effects', 'bleu1',
-           'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'QuestionOnlyModel', 'fit_question_only',
-           'question_only_answers', 'write_predictions', 'read_predictions']
+           'effect_verdict', 'detectable_sentence', 'effects_lines', 'effects_table', 'ablation_regime', 'plot_effects',
+           'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'QuestionOnlyModel',
+           'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -279,6 +279,14 @@ def effects_lines(effects: Sequence[dict]) -> list[str]:
     return [f"{e['comparison']}: {100 * e['difference']:+.1f} points, 95 % interval [{100 * e['ci_low']:+.1f}, "
             f"{100 * e['ci_high']:+.1f}] ({e['seeds']} seeds x {e['questions']} questions on {e['clusters']} images); "
             f"{effect_verdict(e)}" for e in effects]
+
+
+def effects_table(effects: Sequence[dict]) -> pd.DataFrame:
+    """The effects as a table a reader scans: one row per comparison, points, interval, size and a short reading."""
+    return pd.DataFrame([{"comparison": e["comparison"], "difference (points)": round(100 * e["difference"], 1),
+                          "95 % interval": f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]",
+                          "seeds × questions (images)": f"{e['seeds']} × {e['questions']} ({e['clusters']})",
+                          "reading": effect_verdict(e, short=True)} for e in effects]).set_index("comparison")
 
 
 def ablation_regime(per_question: dict[str, list], question_only: float, full_data: float, full_name: str,

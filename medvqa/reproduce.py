@@ -33,7 +33,7 @@ __all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES',
            'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows',
            'results_table', 'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan',
            'plan_table', 'main', 'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes',
-           'build_book']
+           'hidden_in_docs', 'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -175,13 +175,16 @@ def check_executed(notebook: Any, declared: dict[str, Any], metrics_path: Path) 
 
 
 def fold_streams(path: Path) -> int:
-    """Fold the stream outputs of the executed notebook at `path` in place (joined, carriage returns applied);
-    returns how many outputs were removed."""
+    """Fold the stream outputs of the executed notebook at `path` in place (joined, carriage returns applied, blank
+    ones dropped); returns how many outputs were removed."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
     notebook = nbformat.read(str(path), as_version=4)
     before = sum(len(c.get("outputs", [])) for c in notebook.cells)
     notebook, _ = CoalesceStreamsPreprocessor().preprocess(notebook, {})
+    for cell in notebook.cells:  # a bar's closing newline can arrive alone, after another stream's text
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and not o.text.strip())]
     with atomic_path(path) as tmp:
         nbformat.write(notebook, str(tmp))
     return before - sum(len(c.get("outputs", [])) for c in notebook.cells)
@@ -880,6 +883,12 @@ def _title(notebook) -> str:
     return ""
 
 
+def hidden_in_docs(cell: Any) -> bool:
+    """True for a code cell flagged `#| hide` (nbdev's docs leave out its input and output; so does the book)."""
+    first = cell.source.lstrip().splitlines()[0] if cell.source.strip() else ""
+    return cell.cell_type == "code" and first.replace(" ", "") == "#|hide"
+
+
 def build_book(results: str | Path, out: str | Path, readme: str | Path | None = None) -> list[Path]:
     """Write `out/index.html` (the README and the chapter list) and one HTML page per executed notebook in `results`."""
     import html
@@ -899,6 +908,7 @@ def build_book(results: str | Path, out: str | Path, readme: str | Path | None =
         links = []
         for path in notebooks:
             notebook = nbformat.read(path, as_version=4)
+            notebook.cells = [c for c in notebook.cells if not hidden_in_docs(c)]  # nbdev's `#| hide`: not in the book
             body, _ = exporter.from_notebook_node(notebook)
             (tmp / f"{path.stem}.html").write_text(body, encoding="utf-8")
             figures = sum(1 for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))

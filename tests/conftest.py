@@ -24,3 +24,18 @@ def synthetic_dir(tmp_path_factory) -> Path:
     """A small generated synthetic dataset shared by the data tests."""
     from medvqa.data import generate_synthetic
     return generate_synthetic(tmp_path_factory.mktemp("synthetic") / "ds", n_images=120, seed=3)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives JupyterLab and the book in headless Chromium (`make browser` "
+                                       "installs it; select with -m browser, leave out with -m 'not browser')")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """Every chapter run once headless in the smoke profile (one seed, two chapters at a time, as `make reproduce`
+    runs them): (results folder, runs). Its checkpoints under runs/ are what the browser tests load."""
+    from medvqa import reproduce as rep
+    results = tmp_path_factory.mktemp("smoke-results")
+    runs = rep.reproduce("smoke", overrides={"seeds": 1}, results_dir=results, timeout=900, jobs=2)
+    return results, runs

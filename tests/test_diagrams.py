@@ -41,3 +41,18 @@ def test_drawing_holds_every_node_edge_and_shape():
     assert x0 < 0 < 2 < x1 and y0 < 0 < 1 < y1  # every node inside the view
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tensor", "frozen", "loss"]  # only the kinds used
     plt.close(ax.figure)
+
+
+def test_a_long_label_is_shrunk_to_fit_its_box():
+    flow = (DataFlow("fit").add("t", "entity text", 0, 0, shape="name | relation | definition")
+            .add("u", "short", 1, 0))
+    ax = flow.draw(fontsize=8.5)
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [p for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    by_text = {t.get_text().split("\n")[0]: t for t in ax.texts}
+    long_box, long_text = boxes[0].get_window_extent(renderer), by_text["entity text"].get_window_extent(renderer)
+    assert long_text.width <= 0.9 * long_box.width and long_text.height <= 0.9 * long_box.height
+    assert long_box.x0 < long_text.x0 and long_text.x1 < long_box.x1  # inside, not only narrower
+    assert by_text["entity text"].get_fontsize() < 8.5  # it had to shrink
+    assert by_text["short"].get_fontsize() == 8.5  # a label that fits keeps its size
+    plt.close(ax.figure)

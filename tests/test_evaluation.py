@@ -7,7 +7,7 @@ import pytest
 
 from medvqa.data import VQARecord
 from medvqa.evaluation import (SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, detectable_sentence,
-                               effect_verdict, question_kind, read_predictions, rouge1, score_answer, score_predictions,
+                               effect_verdict, effects_table, question_kind, read_predictions, rouge1, score_answer, score_predictions,
                                score_records, text_metrics, write_predictions)
 
 CASES = [  # prediction, reference, answer type, expected strict / bamco / llava-med
@@ -288,6 +288,11 @@ def test_seeded_effect_properties_and_ablation_effects():
     assert detectable_sentence(effects[1:2]).startswith("full - w/o B: the same score")
     assert [effect_verdict(e, short=True) for e in effects] == [
         "above 0", "same score on every question", f"includes 0 (detectable ≈ {100 * effects[2]['detectable']:.1f})"]
+    table = effects_table(effects)  # the same readings as a table, one row per comparison
+    assert list(table.index) == ["full - w/o A", "full - w/o B", "full - w/o C"]
+    assert table.loc["full - w/o A", "difference (points)"] == 100.0 and table.loc["full - w/o A", "95 % interval"] == "[+100.0, +100.0]"
+    assert table.loc["full - w/o C", "seeds × questions (images)"] == "3 × 50 (10)"
+    assert list(table["reading"]) == [effect_verdict(e, short=True) for e in effects]
     summary = seed_summary({"full": full, "mixed": mixed}).set_index("variant")
     assert summary.loc["mixed", "mean"] == pytest.approx(0.5) and summary.loc["mixed", "sd"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same seeds and questions"):

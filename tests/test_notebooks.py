@@ -34,25 +34,33 @@ def test_nbdev_export_and_clean_change_nothing(tmp_path):
         assert nb.metadata.get("kernelspec", {}).get("language") == "python", f"{nb_path.name}: no kernelspec"
 
 
-def test_every_chapter_runs_in_the_smoke_profile(tmp_path):
+def test_every_chapter_runs_in_the_smoke_profile(smoke_run, tmp_path):
     # one seed keeps the suite short: the seeded loops, the effects and the curve still run (make reproduce uses 3);
-    # two chapters at a time, as make reproduce runs them
-    runs = rep.reproduce("smoke", overrides={"seeds": 1}, results_dir=tmp_path, timeout=900, jobs=2)
+    # two chapters at a time, as make reproduce runs them (the smoke_run fixture of conftest.py)
+    results, runs = smoke_run
     failed = {r.chapter: r.error for r in runs if r.status != "passed"}
     assert not failed, failed
     assert {r.chapter for r in runs} == set(rep.list_chapters())
-    assert (tmp_path / "summary.md").is_file()
+    assert (results / "summary.md").is_file()
     # the book of this run: a page per chapter, each with every figure its notebook drew
     import nbformat
-    pages = rep.build_book(tmp_path, tmp_path / "book")
+    pages = rep.build_book(results, tmp_path / "book")
     index = pages[0].read_text()
     for chapter in rep.list_chapters():
         page = tmp_path / "book" / f"{chapter}.html"
-        figures = sum("image/png" in o.get("data", {}) for c in nbformat.read(tmp_path / f"{chapter}.ipynb", as_version=4).cells
+        figures = sum("image/png" in o.get("data", {}) for c in nbformat.read(results / f"{chapter}.ipynb", as_version=4).cells
                       for o in c.get("outputs", []))
         assert page.is_file() and f'href="{chapter}.html"' in index, chapter
         assert page.read_text().count('src="data:image/png;base64') >= figures, chapter
         assert figures > 0 or chapter in ("00_core", "00a_training", "90_reproduce"), f"{chapter} drew no figure"
+        # headless, progress stays text (no widget, which a static page cannot show), folded to a few lines per cell
+        executed = nbformat.read(results / f"{chapter}.ipynb", as_version=4)
+        outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), chapter
+        assert not any("IProgress not found" in o.get("text", "") for o in outputs), chapter
+        for c in executed.cells:
+            bars = sum(line.count("%|") for o in c.get("outputs", []) for line in o.get("text", "").splitlines())
+            assert bars <= 3, f"{chapter}: a cell with {bars} progress lines"
 
 
 def test_the_runner_chapter_runs(tmp_path):

@@ -372,7 +372,8 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     results = tmp_path / "results"; results.mkdir()
     for name, code in (("01_first", "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
                                     "%matplotlib inline\nplt.plot([1, 2]); plt.show()"), ("02_second", "print(6 * 7)")):
-        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Chapter {name}"), nbformat.v4.new_code_cell(code)])
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Chapter {name}"), nbformat.v4.new_code_cell(code),
+                                             nbformat.v4.new_code_cell("#| hide\nprint('hidden' + '-777')")])
         NotebookClient(nb, kernel_name="medvqa", timeout=120).execute()
         nbformat.write(nb, results / f"{name}.ipynb")
     (results / "summary.json").write_text(json.dumps({"chapters": [{"chapter": "01_first", "status": "passed"}]}))
@@ -383,8 +384,35 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     assert 'href="02_second.html">02_second</a>: Chapter 02_second (0 figures)' in index
     assert "<h2" in index and "The two commands" in index  # the README, rendered
     assert pages[1].read_text().count('src="data:image/png;base64') == 1 and "42" in pages[2].read_text()
+    assert "hidden-777" in str(nbformat.read(results / "02_second.ipynb", as_version=4).cells[2].outputs)
+    assert "hidden-777" not in pages[2].read_text() and "#| hide" not in pages[2].read_text()  # nbdev's hide: not in the book
     with pytest.raises(FileNotFoundError, match="no executed notebooks"):
         rep.build_book(tmp_path / "empty", tmp_path / "book2")
+
+
+def test_headless_progress_bars_fold_to_one_line_per_loop(tmp_path, monkeypatch):
+    """Under the runner's MEDVQA_PROGRESS=text, a loop's redraws fold into its final line; nested loops stay silent."""
+    import nbformat
+    from nbclient import NotebookClient
+    from medvqa.core import PROGRESS_ENV
+    monkeypatch.setenv(PROGRESS_ENV, "text")  # what reproduce() sets for the kernels it starts
+    code = ("from medvqa.core import progress_bar\n"
+            "for _ in progress_bar(range(3), desc='outer', mininterval=0):\n"
+            "    for _ in progress_bar(range(50), desc='inner', mininterval=0): pass\n"
+            "for _ in progress_bar(range(200), desc='steps', mininterval=0): pass\n"
+            "print('done')")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(nb, kernel_name="medvqa", timeout=120).execute()
+    path = tmp_path / "run.ipynb"
+    nbformat.write(nb, path)
+    redraws = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stderr").count("\r")
+    assert redraws > 200  # every step redrew (mininterval=0): a wall before folding
+    assert rep.fold_streams(path) >= 0
+    outputs = nbformat.read(path, as_version=4).cells[0].outputs
+    lines = [line for o in outputs if o.get("name") == "stderr" for line in o["text"].split("\n") if line.strip()]
+    assert len(lines) == 2, lines  # one final line per outer loop, none for the nested one
+    assert lines[0].startswith("outer: 100%") and "3/3" in lines[0] and lines[1].startswith("steps: 100%")
+    assert any("done" in o.get("text", "") for o in outputs if o.get("name") == "stdout")
 
 
 def test_chapter_needs_follow_the_map_and_default_to_every_earlier_chapter(monkeypatch):
