@@ -899,8 +899,11 @@ def lora_config(preset: str, model: nn.Module | None = None, dropout: float | No
 
 def apply_lora(model: nn.Module, preset: str, dropout: float | None = None) -> nn.Module:
     """Wrap `model` with LoRA adapters of a preset (`dropout`: another LoRA dropout); only the adapters are trainable."""
+    import warnings
     from peft import get_peft_model
-    return get_peft_model(model, lora_config(preset, model, dropout))
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias; the warning is theirs, not ours
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config(preset, model, dropout))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
