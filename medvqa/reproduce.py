@@ -26,14 +26,14 @@ from .core import atomic_path, check_range, load_profile, project_root, to_built
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS',
-           'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'list_chapters', 'notebook_parameters',
-           'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks',
-           'check_values', 'injected_names', 'check_executed', 'fold_streams', 'reported_results', 'paper_value',
-           'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
+           'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'MATHJAX_URL', 'MATHJAX_FONTS', 'list_chapters',
+           'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types',
+           'declared_checks', 'check_values', 'injected_names', 'check_executed', 'fold_streams', 'reported_results',
+           'paper_value', 'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
            'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows',
            'results_table', 'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan',
            'plan_table', 'main', 'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes',
-           'hidden_in_docs', 'build_book']
+           'local_mathjax', 'hidden_in_docs', 'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -883,6 +883,20 @@ def _title(notebook) -> str:
     return ""
 
 
+MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"  # relative to a book page
+MATHJAX_FONTS = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: ["STIX-Web"], '
+                 'preferredFont: "STIX-Web", webFont: "STIX-Web", imageFont: null}});</script>\n')
+
+
+def local_mathjax() -> Path | None:
+    """MathJax 2.7 as the `jupyter-server-mathjax` package ships it (its static folder), or None: then the pages load
+    it from nbconvert's CDN address, and without internet their equations stay TeX source."""
+    import importlib.util
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "static" if spec and spec.submodule_search_locations else None
+    return folder if folder is not None and (folder / "MathJax.js").is_file() else None
+
+
 def hidden_in_docs(cell: Any) -> bool:
     """True for a code cell flagged `#| hide` (nbdev's docs leave out its input and output; so does the book)."""
     first = cell.source.lstrip().splitlines()[0] if cell.source.strip() else ""
@@ -890,7 +904,8 @@ def hidden_in_docs(cell: Any) -> bool:
 
 
 def build_book(results: str | Path, out: str | Path, readme: str | Path | None = None) -> list[Path]:
-    """Write `out/index.html` (the README and the chapter list) and one HTML page per executed notebook in `results`."""
+    """Write `out/index.html` (the README and the chapter list) and one HTML page per executed notebook in `results`,
+    with a copy of MathJax in `out/mathjax/` where `jupyter-server-mathjax` is installed (equations typeset offline)."""
     import html
     import nbformat
     from nbconvert import HTMLExporter
@@ -902,14 +917,20 @@ def build_book(results: str | Path, out: str | Path, readme: str | Path | None =
         raise FileNotFoundError(f"{results}: no executed notebooks; run `medvqa reproduce --results {results}` first")
     summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
     status = {row.get("chapter"): row.get("status", "") for row in summary.get("chapters", [])} if isinstance(summary, dict) else {}
-    exporter = HTMLExporter(template_name="lab")
+    mathjax = local_mathjax()
+    exporter = HTMLExporter(template_name="lab", **({"mathjax_url": MATHJAX_URL} if mathjax else {}))
     readme = Path(readme or project_root() / "README.md")
     with atomic_folder(out) as tmp:
+        if mathjax:  # equations typeset offline, from the book's own copy
+            import shutil
+            shutil.copytree(mathjax, tmp / "mathjax")
         links = []
         for path in notebooks:
             notebook = nbformat.read(path, as_version=4)
             notebook.cells = [c for c in notebook.cells if not hidden_in_docs(c)]  # nbdev's `#| hide`: not in the book
             body, _ = exporter.from_notebook_node(notebook)
+            if mathjax:  # the package ships MathJax's STIX-Web fonts, not its TeX fonts
+                body = body.replace('<script src="mathjax/', MATHJAX_FONTS + '<script src="mathjax/', 1)
             (tmp / f"{path.stem}.html").write_text(body, encoding="utf-8")
             figures = sum(1 for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
             links.append(f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a>: {html.escape(_title(notebook))}'

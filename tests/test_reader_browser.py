@@ -312,10 +312,10 @@ def book(smoke_run, tmp_path_factory):
 
 
 def test_the_book_opens_page_by_page_with_every_figure(book, browser):
-    """From the index, every chapter link opens a page whose figures all load, with no traceback and a few
-    progress lines per cell at most."""
+    """From the index, every chapter link opens a page whose figures all load and whose equations are typeset (offline),
+    with no traceback and a few progress lines per cell at most."""
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
-    timings, progress_lines = {}, {}
+    timings, progress_lines, typeset = {}, {}, {}
     try:
         t0 = time.perf_counter()
         page.goto(f"{book['base']}/index.html")
@@ -337,6 +337,14 @@ def test_the_book_opens_page_by_page_with_every_figure(book, browser):
             images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
             assert len(images) >= figures, f"{chapter}: {len(images)} images on the page, {figures} in the notebook"
             assert all(done and width > 0 for done, width in images), f"{chapter}: figures that did not load"
+            # equations typeset offline: MathJax (the book's copy) has started and finished its queue
+            page.wait_for_function("() => window.MathJax && MathJax.isReady && MathJax.Hub.queue.pending === 0 "
+                                   "&& !MathJax.Hub.queue.running", timeout=30_000)
+            formulas = page.eval_on_selector_all("script[type^='math/tex']", "els => els.length")
+            shown = page.eval_on_selector_all("span.MathJax, div.MathJax_Display", "els => els.length")
+            assert shown >= formulas, f"{chapter}: {formulas} formulas, {shown} typeset"
+            if formulas:
+                typeset[chapter] = formulas
             text = page.inner_text("body")
             assert "Traceback" not in text, f"{chapter}: a traceback on the page"
             per_cell = page.eval_on_selector_all(".jp-Cell", "els => els.map(e => e.querySelector('.jp-OutputArea')?.innerText || '')")
@@ -350,5 +358,7 @@ def test_the_book_opens_page_by_page_with_every_figure(book, browser):
             page.wait_for_selector("ol li a")
     finally:
         page.close()
-    (SHOTS / "book.json").write_text(json.dumps({"open (s)": timings, "most progress lines in a cell": progress_lines}, indent=1))
-    print(timings, progress_lines)
+    assert "04_balanced_contrastive" in typeset  # the chapter of the screenshot has equations
+    (SHOTS / "book.json").write_text(json.dumps({"open (s)": timings, "most progress lines in a cell": progress_lines,
+                                                 "typeset equations": typeset}, indent=1))
+    print(timings, progress_lines, typeset)

@@ -386,6 +386,8 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     assert pages[1].read_text().count('src="data:image/png;base64') == 1 and "42" in pages[2].read_text()
     assert "hidden-777" in str(nbformat.read(results / "02_second.ipynb", as_version=4).cells[2].outputs)
     assert "hidden-777" not in pages[2].read_text() and "#| hide" not in pages[2].read_text()  # nbdev's hide: not in the book
+    assert (tmp_path / "book" / "mathjax" / "MathJax.js").is_file()  # equations typeset offline, from the book's copy
+    assert 'src="mathjax/MathJax.js?config=' in pages[1].read_text() and "libs/mathjax" not in pages[1].read_text()
     with pytest.raises(FileNotFoundError, match="no executed notebooks"):
         rep.build_book(tmp_path / "empty", tmp_path / "book2")
 
