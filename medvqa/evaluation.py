@@ -346,8 +346,9 @@ def bert_scores(predictions: Sequence[str], references: Sequence[str], model: st
         raise ValueError("bert_scores needs a model: 'minilm' or a bert-score model name (bertscore_model='' leaves BERTScore out "
                          "of text_metrics)")
     if model == "minilm":
-        from medvqa.models import minilm_folder
-        scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6, lang="en", batch_size=batch_size)
+        from medvqa.models import minilm_folder, quiet_weight_loading
+        with quiet_weight_loading():  # the packaged MiniLM: no "Loading weights" bar per call
+            scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6, lang="en", batch_size=batch_size)
     else:
         scorer = BERTScorer(model_type=model, lang="en", batch_size=batch_size)
     candidates = [str(p or "").strip() for p in predictions]

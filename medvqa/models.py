@@ -192,7 +192,11 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
             with hub_offline():
                 model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
             return model.eval(), tokenizer, model.visual.preprocess_cfg
-    model = open_clip.create_model(ident, pretrained=None)
+    if local_dir is not None:  # a local copy loads in milliseconds: no "Loading weights" bar
+        with quiet_weight_loading():
+            model = open_clip.create_model(ident, pretrained=None)
+    else:
+        model = open_clip.create_model(ident, pretrained=None)
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg
 

@@ -362,8 +362,9 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     threads_set = jobs > 1 and "OMP_NUM_THREADS" not in os.environ
     if threads_set:  # the kernels inherit it: jobs chapters share the cores (removed again when the run ends)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    progress_before = os.environ.get(PROGRESS_ENV)
+    env_before = {name: os.environ.get(name) for name in (PROGRESS_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")}
     os.environ[PROGRESS_ENV] = "text"  # the kernels draw few-line text bars (medvqa.core.progress_bar)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # and no hub or transformers bars (weight loading, downloads)
 
     def run(name: str) -> ChapterRun:
         values = dict(values_of[name])
@@ -390,10 +391,11 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         bar.close()
         if threads_set:
             os.environ.pop("OMP_NUM_THREADS", None)
-        if progress_before is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = progress_before
+        for name, value in env_before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return [finished[n] for n in names]
 
 # %% ../nbs/90_reproduce.ipynb #c018
