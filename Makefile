@@ -41,8 +41,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 browser:
 	@if command -v chromium >/dev/null 2>&1; then echo "browser: $$(chromium --version 2>/dev/null | head -1)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver \
-	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-liberation fonts-dejavu-core \
+	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-liberation fonts-dejavu-core; }; \
 	else echo "make browser: apt-get is not available on this machine. Install Chromium with your package manager and" \
 	  "point MEDVQA_CHROMIUM at its binary; the browser tests are skipped without it (pytest -m 'not browser' leaves them out)." >&2; exit 1; fi
 

@@ -26,14 +26,14 @@ from .core import atomic_path, check_range, load_profile, project_root, to_built
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS',
-           'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'MATHJAX_URL', 'MATHJAX_FONTS', 'list_chapters',
-           'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides', 'parameter_types',
-           'declared_checks', 'check_values', 'injected_names', 'check_executed', 'fold_streams', 'reported_results',
-           'paper_value', 'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of', 'parameter_defaults',
-           'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary', 'read_summary', 'results_rows',
-           'results_table', 'results_reading', 'effects_table', 'update_readme', 'activation_bytes', 'gpu_plan',
-           'plan_table', 'main', 'equation_index', 'figure_index', 'equation_index_markdown', 'write_equation_indexes',
-           'local_mathjax', 'hidden_in_docs', 'build_book']
+           'EQUATION_NAME', 'PAPER_CHAPTERS', 'INDEX_MARKERS', 'INDEX_STYLE', 'MATHJAX_URL', 'MATHJAX_FONTS',
+           'list_chapters', 'notebook_parameters', 'resolve_chapters', 'chapter_parameters', 'check_overrides',
+           'parameter_types', 'declared_checks', 'check_values', 'injected_names', 'check_executed', 'fold_streams',
+           'reported_results', 'paper_value', 'ChapterRun', 'run_chapter', 'checked_values', 'profile_values_of',
+           'parameter_defaults', 'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary', 'read_summary',
+           'results_rows', 'results_table', 'results_reading', 'effects_table', 'update_readme', 'activation_bytes',
+           'gpu_plan', 'plan_table', 'main', 'equation_index', 'figure_index', 'equation_index_markdown',
+           'write_equation_indexes', 'local_mathjax', 'hidden_in_docs', 'build_book']
 
 # %% ../nbs/90_reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_reproduce"
@@ -885,6 +885,9 @@ def _title(notebook) -> str:
     return ""
 
 
+INDEX_STYLE = ("body {font-family: system-ui, sans-serif; line-height: 1.5; max-width: 72em; margin: 2em auto; padding: 0 1em} "
+               "a.anchor-link {display: none} pre, code {font-size: 0.9em} table {border-collapse: collapse} "
+               "td, th {border-bottom: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left}")
 MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"  # relative to a book page
 MATHJAX_FONTS = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: ["STIX-Web"], '
                  'preferredFont: "STIX-Web", webFont: "STIX-Web", imageFont: null}});</script>\n')
@@ -936,10 +939,11 @@ def build_book(results: str | Path, out: str | Path, readme: str | Path | None =
             (tmp / f"{path.stem}.html").write_text(body, encoding="utf-8")
             figures = sum(1 for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
             links.append(f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a>: {html.escape(_title(notebook))}'
-                         f' ({figures} figures{", " + status[path.stem] if status.get(path.stem) else ""})</li>')
+                         f' ({figures} figure{"" if figures == 1 else "s"}{", " + status[path.stem] if status.get(path.stem) else ""})</li>')
         intro = markdown2html(readme.read_text(encoding="utf-8")) if readme.is_file() else ""
         (tmp / "index.html").write_text(
-            "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>medvqa</title></head><body>\n"
+            "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>medvqa</title>\n"
+            f"<style>{INDEX_STYLE}</style></head><body>\n"
             f"<h1>medvqa: the executed chapters ({html.escape(results.name)})</h1>\n<ol>\n" + "\n".join(links) + "\n</ol>\n"
             f"<hr>\n{intro}\n</body></html>\n", encoding="utf-8")
     return [out / "index.html"] + [out / f"{p.stem}.html" for p in notebooks]

@@ -380,7 +380,7 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     pages = rep.build_book(results, tmp_path / "book", readme=project_root() / "README.md")
     assert [p.name for p in pages] == ["index.html", "01_first.html", "02_second.html"]
     index = pages[0].read_text()
-    assert 'href="01_first.html">01_first</a>: Chapter 01_first (1 figures, passed)' in index
+    assert 'href="01_first.html">01_first</a>: Chapter 01_first (1 figure, passed)' in index
     assert 'href="02_second.html">02_second</a>: Chapter 02_second (0 figures)' in index
     assert "<h2" in index and "The two commands" in index  # the README, rendered
     assert pages[1].read_text().count('src="data:image/png;base64') == 1 and "42" in pages[2].read_text()
