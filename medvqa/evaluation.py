@@ -22,9 +22,9 @@ from .data import ANSWER_TYPES, normalize_answer
 __all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions',
            'score_records', 'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap',
            'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary',
-           'effect_verdict', 'detectable_sentence', 'effects_lines', 'effects_table', 'ablation_regime', 'plot_effects',
-           'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers', 'QuestionOnlyModel',
-           'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions']
+           'effect_verdict', 'detectable_sentence', 'effect_interval', 'effects_lines', 'effects_table',
+           'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
+           'QuestionOnlyModel', 'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -274,17 +274,22 @@ def detectable_sentence(effects: Sequence[dict]) -> str:
     return "; ".join(parts) + "."
 
 
+def effect_interval(effect: dict) -> str:
+    """An effect's interval in points, as every table and sentence prints it: `[+0.5, +3.3]`."""
+    return f"[{100 * effect['ci_low']:+.1f}, {100 * effect['ci_high']:+.1f}]"
+
+
 def effects_lines(effects: Sequence[dict]) -> list[str]:
     """One sentence per effect, computed from the numbers: difference, interval, size of the experiment, verdict."""
-    return [f"{e['comparison']}: {100 * e['difference']:+.1f} points, 95 % interval [{100 * e['ci_low']:+.1f}, "
-            f"{100 * e['ci_high']:+.1f}] ({e['seeds']} seeds x {e['questions']} questions on {e['clusters']} images); "
+    return [f"{e['comparison']}: {100 * e['difference']:+.1f} points, 95 % interval {effect_interval(e)} "
+            f"({e['seeds']} seeds x {e['questions']} questions on {e['clusters']} images); "
             f"{effect_verdict(e)}" for e in effects]
 
 
 def effects_table(effects: Sequence[dict]) -> pd.DataFrame:
     """The effects as a table a reader scans: one row per comparison, points, interval, size and a short reading."""
     return pd.DataFrame([{"comparison": e["comparison"], "difference (points)": round(100 * e["difference"], 1),
-                          "95 % interval": f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]",
+                          "95 % interval": effect_interval(e),
                           "seeds × questions (images)": f"{e['seeds']} × {e['questions']} ({e['clusters']})",
                           "reading": effect_verdict(e, short=True)} for e in effects]).set_index("comparison")
 

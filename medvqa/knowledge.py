@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
-from .core import progress_bar
 
-from .core import check_choice, write_json
+from .core import check_choice, progress_bar, write_json
 from .data import VQARecord, normalize_answer
 
 # %% auto #0

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -192,10 +192,7 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
             with hub_offline():
                 model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
             return model.eval(), tokenizer, model.visual.preprocess_cfg
-    if local_dir is not None:  # a local copy loads in milliseconds: no "Loading weights" bar
-        with quiet_weight_loading():
-            model = open_clip.create_model(ident, pretrained=None)
-    else:
+    with quiet_weight_loading() if local_dir is not None else nullcontext():  # a local copy: no "Loading weights" bar
         model = open_clip.create_model(ident, pretrained=None)
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from .core import PROGRESS_ENV, progress_bar
 
-from .core import atomic_path, check_range, load_profile, project_root, to_builtin, write_json
+from .core import (PROGRESS_ENV, atomic_path, check_range, load_profile, progress_bar, project_root, to_builtin,
+                         write_json)
 
 # %% auto #0
 __all__ = ['RUNNER_CHAPTER', 'CHAPTER_NEEDS', 'VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'GPU', 'PLAN_ASSUMPTIONS',
@@ -359,12 +359,13 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=len(names), desc=f"reproduce ({profile})", unit="chapter")  # the runner's own bar
-    threads_set = jobs > 1 and "OMP_NUM_THREADS" not in os.environ
-    if threads_set:  # the kernels inherit it: jobs chapters share the cores (removed again when the run ends)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    env_before = {name: os.environ.get(name) for name in (PROGRESS_ENV, "HF_HUB_DISABLE_PROGRESS_BARS")}
-    os.environ[PROGRESS_ENV] = "text"  # the kernels draw few-line text bars (medvqa.core.progress_bar)
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # and no hub or transformers bars (weight loading, downloads)
+    # what the kernels inherit, restored when the run ends: few-line text bars (medvqa.core.progress_bar), no hub or
+    # transformers bars (weight loading, downloads), and with jobs > 1 the cores shared between the chapters
+    kernel_env = {PROGRESS_ENV: "text", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        kernel_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env_before = {name: os.environ.get(name) for name in kernel_env}
+    os.environ.update(kernel_env)
 
     def run(name: str) -> ChapterRun:
         values = dict(values_of[name])
@@ -389,8 +390,6 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
                               wall_seconds=time.perf_counter() - started, jobs=jobs)
     finally:
         bar.close()
-        if threads_set:
-            os.environ.pop("OMP_NUM_THREADS", None)
         for name, value in env_before.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -529,14 +528,14 @@ def results_reading(runs: dict[str, str | Path], reported_path: str | Path | Non
 
 def effects_table(runs: dict[str, str | Path]) -> str:
     """A markdown table of every chapter's seeded ablation effects (metrics 'effects') in several run folders."""
-    from medvqa.evaluation import effect_verdict
+    from medvqa.evaluation import effect_interval, effect_verdict
     lines = ["| run | chapter | comparison | difference, points [95 % CI] | seeds × questions | reading |", "| --- " * 6 + "|"]
     for label, folder in runs.items():
         for run in read_summary(folder).get("chapters", []):
             for e in run.get("metrics", {}).get("metrics", {}).get("effects", []):
                 reading = effect_verdict(e, short=True)  # medvqa.evaluation
                 lines.append(f"| {label} | {run['chapter'].split('_')[0]} | {e['comparison']} | {100 * e['difference']:+.1f} "
-                             f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}] | {e['seeds']} × {e['questions']} | {reading} |")
+                             f"{effect_interval(e)} | {e['seeds']} × {e['questions']} | {reading} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

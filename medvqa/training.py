@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
-from .core import progress_bar
 from transformers import get_cosine_schedule_with_warmup
 
-from .core import check_choice, check_range, load_checkpoint, pick_device, save_checkpoint, set_rng_state, to_builtin
+from .core import (check_choice, check_range, load_checkpoint, pick_device, progress_bar, save_checkpoint,
+                         set_rng_state, to_builtin)
 
 # %% auto #0
 __all__ = ['LossFn', 'TrainConfig', 'micro_batch', 'EpochShuffle', 'TrainResult', 'state_fingerprint', 'split_state',
