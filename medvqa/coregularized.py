@@ -18,9 +18,10 @@ from .core import cpu_attention_kernel
 
 # %% auto #0
 __all__ = ['CORPUS_FOLDERS', 'CORPUS_SOURCES', 'contrastive', 'patchify', 'unpatchify', 'random_mask', 'CompactVocabulary',
-           'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'PretrainWeights',
-           'image_text_reconstruction', 'pretraining_loss', 'derived_captions', 'PretrainingData', 'corpus_root',
-           'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss', 'answer_hits', 'answer_accuracy']
+           'trim_text_padding', 'CoRegConfig', 'SequenceEncoder', 'CoRegularizedModel', 'image_input', 'pool_cells',
+           'tower_cells', 'PretrainWeights', 'image_text_reconstruction', 'pretraining_loss', 'derived_captions',
+           'PretrainingData', 'corpus_root', 'load_roco_captions', 'load_pmc_vqa', 'answer_head', 'answer_loss',
+           'answer_hits', 'answer_accuracy']
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c008
 def contrastive(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -122,6 +123,7 @@ class CoRegConfig:
     heads: int = 4
     text_length: int = 24
     dropout: float = 0.1  # dropout in every Transformer layer (not given in the paper)
+    cell_dim: int = 0  # 0: the image encoder embeds pixel patches; > 0: it embeds a frozen tower's feature cells this wide
 
     @property
     def n_patches(self) -> int:
@@ -160,8 +162,8 @@ class CoRegularizedModel(nn.Module):
     def __init__(self, config: CoRegConfig):
         super().__init__()
         c, self.config = config, config
-        self.image_encoder = SequenceEncoder(nn.Linear(3 * c.patch ** 2, c.dim), c.n_patches, c.dim, c.encoder_layers, c.heads,
-                                             c.dropout)
+        embed = nn.Linear(3 * c.patch ** 2, c.dim) if not c.cell_dim else nn.Sequential(nn.LayerNorm(c.cell_dim), nn.Linear(c.cell_dim, c.dim))
+        self.image_encoder = SequenceEncoder(embed, c.n_patches, c.dim, c.encoder_layers, c.heads, c.dropout)
         self.text_encoder = SequenceEncoder(nn.Embedding(c.vocab_size, c.dim), c.text_length - 1, c.dim, c.encoder_layers,
                                             c.heads, c.dropout)
         self.fusion = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))  # GlobalFusion
@@ -176,11 +178,12 @@ class CoRegularizedModel(nn.Module):
         self.momentum_image = copy.deepcopy(self.image_encoder).requires_grad_(False)
         self.momentum_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
 
-    def encode(self, patches, tokens, image_mask=None, text_mask=None, momentum: bool = False):
-        """CMDPI Eq. 1 (or its masked form, CMDPI Eq. 2): (h_I, H_I, h_T, H_T)."""
+    def encode(self, image, tokens, image_mask=None, text_mask=None, momentum: bool = False):
+        """CMDPI Eq. 1 (or its masked form, CMDPI Eq. 2): (h_I, H_I, h_T, H_T); `image` is what the image encoder reads,
+        pixel patches [B, N, 3p^2] or feature cells [B, N, cell_dim] (`image_input`)."""
         img_enc, txt_enc = (self.momentum_image, self.momentum_text) if momentum else (self.image_encoder, self.text_encoder)
         text_in = tokens[:, 1:]  # the [HEAD] id is replaced by the encoder's own head token
-        h_i, H_i = img_enc(patches, image_mask)
+        h_i, H_i = img_enc(image, image_mask)
         h_t, H_t = txt_enc(text_in, text_mask, padding=text_in == CompactVocabulary.PAD)
         return h_i, H_i, h_t, H_t
 
@@ -207,6 +210,27 @@ class CoRegularizedModel(nn.Module):
             for p, q in zip(online.parameters(), ema.parameters()):
                 q.mul_(m).add_(p.detach(), alpha=1 - m)
 
+
+def image_input(batch: dict, prefix: str = "") -> torch.Tensor:
+    """What the image encoder reads from a batch: the feature cells `<prefix>cells` where the batch has them (a frozen
+    tower), else the pixel patches `<prefix>patches`; the patches stay the reconstruction target either way."""
+    return batch[f"{prefix}cells"] if f"{prefix}cells" in batch else batch[f"{prefix}patches"]
+
+
+def pool_cells(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """A tower's feature grid [B, n, n, C] average-pooled to side x side cells [B, side^2, C], row-major like `patchify`."""
+    if grid.ndim != 4 or grid.shape[1] != grid.shape[2]:
+        raise ValueError(f"expected a square feature grid [B, n, n, C], got {list(grid.shape)}")
+    return F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2).float(), side).flatten(2).transpose(1, 2)
+
+
+def tower_cells(encoder: nn.Module, paths: dict[str, Path], side: int, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """{image_id: [side^2, C]} (CPU): the frozen tower's feature grid of each image file (`frozen_features`: decoded at
+    the tower's own size, mean and std, computed once and cached) pooled so that cell k covers patch k of `patchify`."""
+    from medvqa.models import frozen_features
+    _, grids = frozen_features(encoder, paths, batch_size)
+    return {image_id: pool_cells(grid[None], side)[0] for image_id, grid in grids.items()}
+
 # %% ../nbs/05_coregularized_pretraining.ipynb #c016
 @dataclass
 class PretrainWeights:
@@ -228,10 +252,14 @@ def image_text_reconstruction(out_i: torch.Tensor, out_t: torch.Tensor, patches:
 def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWeights = PretrainWeights(),
                      mask_ratio: float = 0.25, temperature: float = 0.07, momentum: float | None = 0.995,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """CMDPI pre-training loss for a batch {'patches', 'tokens', 'answer', 'is_caption'}; returns (loss, parts)."""
+    """CMDPI pre-training loss for a batch {'patches', 'tokens', 'answer', 'is_caption'} (and 'cells' when the image
+    encoder reads a frozen tower's feature cells; the patches are still what L_img rebuilds); returns (loss, parts)."""
     patches, tokens, answer, is_caption = batch["patches"], batch["tokens"], batch["answer"], batch["is_caption"]
-    if not (len(patches) == len(tokens) == len(answer) == len(is_caption)):
-        raise ValueError("batch fields have different lengths: patches, tokens, answer and is_caption must match")
+    image = image_input(batch)
+    if not (len(patches) == len(image) == len(tokens) == len(answer) == len(is_caption)):
+        raise ValueError("batch fields have different lengths: patches, cells, tokens, answer and is_caption must match")
+    if image.shape[1] != patches.shape[1]:
+        raise ValueError(f"{image.shape[1]} feature cells for {patches.shape[1]} patches: pool the tower's grid to the patch grid")
     if model.training and momentum is not None:
         model.momentum_update(momentum)
     tokens = trim_text_padding(tokens)
@@ -239,8 +267,8 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
     padding = text == CompactVocabulary.PAD
     text_mask = random_mask(~padding & (text != CompactVocabulary.ANS), mask_ratio, generator)
     image_mask = random_mask(torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device), mask_ratio, generator)
-    h_i, _, h_t, _ = model.encode(patches, tokens)  # unmasked: CMDPI Eq. 1
-    _, Hm_i, _, Hm_t = model.encode(patches, tokens, image_mask, text_mask)  # masked: CMDPI Eq. 2
+    h_i, _, h_t, _ = model.encode(image, tokens)  # unmasked: CMDPI Eq. 1
+    _, Hm_i, _, Hm_t = model.encode(image, tokens, image_mask, text_mask)  # masked: CMDPI Eq. 2
     h_f = model.global_vector(h_i, h_t)
     parts, total = {}, torch.zeros((), device=patches.device)
     has_answer = answer >= 0
@@ -261,7 +289,7 @@ def pretraining_loss(model: CoRegularizedModel, batch: dict, weights: PretrainWe
             total = total + weights.inter * c_inter  # alpha * C_inter  (CMDPI Eq. 6)
         if weights.intra:
             with torch.no_grad():
-                mh_i, _, mh_t, _ = model.encode(patches, tokens, image_mask, text_mask, momentum=True)
+                mh_i, _, mh_t, _ = model.encode(image, tokens, image_mask, text_mask, momentum=True)
             c_intra = contrastive(h_i[captions], mh_i[captions], temperature) + contrastive(h_t[captions], mh_t[captions], temperature)
             parts["intra"] = c_intra.item()
             total = total + weights.intra * c_intra  # alpha' * C_intra  (CMDPI Eq. 6)
@@ -289,17 +317,22 @@ class PretrainingData(torch.utils.data.Dataset):
     """Caption samples (reconstruction + contrast) and VQA samples (reconstruction only).
 
     `images` maps image ids to decoded tensors (cut into patches once) or to image files (decoded when a sample is
-    drawn, so corpora of tens of thousands of images, such as ROCO, need not fit in memory)."""
+    drawn, so corpora of tens of thousands of images, such as ROCO, need not fit in memory). `cells` ({image_id:
+    [N, C]}, `tower_cells`) gives each sample the frozen tower's feature cells as the image encoder's input."""
 
     def __init__(self, images: dict[str, torch.Tensor | Path], captions: dict[str, str], vqa: Sequence[tuple[str, str, int]],
-                 vocab: CompactVocabulary, patch: int = 16, image_size: int = 64):
-        self.patch, self.image_size = patch, image_size
+                 vocab: CompactVocabulary, patch: int = 16, image_size: int = 64, cells: dict[str, torch.Tensor] | None = None):
+        self.patch, self.image_size, self.cells = patch, image_size, cells
         self.patches = {k: patchify(v[None], patch)[0] for k, v in images.items() if isinstance(v, torch.Tensor)}
         self.files = {k: Path(v) for k, v in images.items() if not isinstance(v, torch.Tensor)}
         self.samples = [(i, c, -1, 1) for i, c in sorted(captions.items()) if i in images]
         self.samples += [(i, q, a, 0) for i, q, a in vqa if i in images]
         if not self.samples:
             raise ValueError("PretrainingData: no samples (no captions and no VQA pairs with images)")
+        if cells is not None:
+            missing = sorted({s[0] for s in self.samples} - set(cells))
+            if missing:
+                raise ValueError(f"PretrainingData: no feature cells for {len(missing)} images, e.g. {missing[:3]}")
         self.tokens = vocab.encode([s[1] for s in self.samples])
 
     def __len__(self) -> int:
@@ -315,8 +348,9 @@ class PretrainingData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id, _, answer, is_caption = self.samples[index]
-        return {"patches": self.image_patches(image_id), "tokens": self.tokens[index], "answer": torch.tensor(answer),
+        item = {"patches": self.image_patches(image_id), "tokens": self.tokens[index], "answer": torch.tensor(answer),
                 "is_caption": torch.tensor(is_caption)}
+        return item if self.cells is None else {**item, "cells": self.cells[image_id]}
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c022
 CORPUS_FOLDERS = {"roco": ("roco", "ROCO", "roco-dataset"), "pmc-vqa": ("pmc-vqa", "PMC-VQA", "pmc_vqa")}
@@ -414,10 +448,11 @@ def load_pmc_vqa(root: str | Path | None = None, split: str = "train", limit: in
     return [r for r in records if r.image_path.is_file()]
 
 # %% ../nbs/05_coregularized_pretraining.ipynb #c028
-def answer_head(model: CoRegularizedModel, patches: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FFN_A logits [B, A], downstream head H_o[:, -1] [B, d]) of RecNet(h_F, H_I, H_T) for the unmasked input."""
+def answer_head(model: CoRegularizedModel, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FFN_A logits [B, A], downstream head H_o[:, -1] [B, d]) of RecNet(h_F, H_I, H_T) for the unmasked input;
+    `image` is the image encoder's input (`image_input`: pixel patches or feature cells)."""
     tokens = trim_text_padding(tokens)
-    h_i, H_i, h_t, H_t = model.encode(patches, tokens)
+    h_i, H_i, h_t, H_t = model.encode(image, tokens)
     padding = tokens[:, 1:] == CompactVocabulary.PAD
     _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)
     return logits, state
@@ -425,7 +460,7 @@ def answer_head(model: CoRegularizedModel, patches: torch.Tensor, tokens: torch.
 
 def answer_loss(model: CoRegularizedModel, batch: dict) -> torch.Tensor:
     """Fine-tuning probe: cross-entropy of FFN_A on [h_F, H_I, H_T] of the unmasked input."""
-    return F.cross_entropy(answer_head(model, batch["patches"], batch["tokens"])[0], batch["answer"], ignore_index=-1)
+    return F.cross_entropy(answer_head(model, image_input(batch), batch["tokens"])[0], batch["answer"], ignore_index=-1)
 
 
 @torch.no_grad()
@@ -437,7 +472,7 @@ def answer_hits(model: CoRegularizedModel, data, batch_size: int = 256) -> list[
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-        pred = answer_head(model, batch["patches"], batch["tokens"])[0].argmax(1)
+        pred = answer_head(model, image_input(batch), batch["tokens"])[0].argmax(1)
         hits += (pred == batch["answer"]).tolist()
     return hits
 

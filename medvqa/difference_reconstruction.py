@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import check_range, load_checkpoint, run_dir
-from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head,
+from .coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_head, image_input,
                                   image_text_reconstruction, patchify, trim_text_padding)
 from .data import normalize_answer
 
@@ -79,11 +79,12 @@ class PartnerSampler:
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c014
 @torch.no_grad()
-def image_features(model: CoRegularizedModel, patches: torch.Tensor, batch_size: int = 256, center: bool = True) -> torch.Tensor:
-    """Global image vectors h_I [N, d] (on the CPU) of the (eval-mode) image encoder; `center` subtracts their mean."""
+def image_features(model: CoRegularizedModel, inputs: torch.Tensor, batch_size: int = 256, center: bool = True) -> torch.Tensor:
+    """Global image vectors h_I [N, d] (on the CPU) of the (eval-mode) image encoder for its inputs [N, n, *] (pixel
+    patches or feature cells); `center` subtracts their mean."""
     model.eval()
     device = next(model.parameters()).device  # every tensor goes where the model is
-    h = torch.cat([model.image_encoder(patches[i:i + batch_size].to(device))[0].cpu() for i in range(0, len(patches), batch_size)])
+    h = torch.cat([model.image_encoder(inputs[i:i + batch_size].to(device))[0].cpu() for i in range(0, len(inputs), batch_size)])
     return h - h.mean(0, keepdim=True) if center else h
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c020
@@ -96,10 +97,12 @@ def mixup_candidates(records: Sequence) -> list[list[int]]:
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c023
 class FineTuneData(torch.utils.data.Dataset):
-    """VQA samples with a similar image (difference reconstruction) and a same-group sample (head mixup)."""
+    """VQA samples with a similar image (difference reconstruction) and a same-group sample (head mixup).
+    `cells` ({image_id: [N, C]}) adds a frozen tower's feature cells, which the image encoder then reads for all three."""
 
     def __init__(self, records: Sequence, images: dict[str, torch.Tensor], vocab: CompactVocabulary, answers: Sequence[str],
-                 patch: int, image_candidates: dict[str, list[str]] | None = None, training: bool = True):
+                 patch: int, image_candidates: dict[str, list[str]] | None = None, training: bool = True,
+                 cells: dict[str, torch.Tensor] | None = None):
         self.records = list(records)
         if not self.records:
             raise ValueError("FineTuneData: no records")
@@ -112,6 +115,13 @@ class FineTuneData(torch.utils.data.Dataset):
         at = {image_id: k for k, image_id in enumerate(self.image_ids)}
         self.images_without_partner = [i for i in own if not candidates[i]]  # paired with themselves
         self.patches = torch.stack([patchify(images[i][None], patch)[0] for i in self.image_ids])
+        self.cells = None
+        if cells is not None:
+            absent = [i for i in self.image_ids if i not in cells]
+            if absent:
+                raise ValueError(f"FineTuneData: no feature cells for images {absent[:5]}")
+            self.cells = torch.stack([cells[i] for i in self.image_ids])
+        self.inputs = self.patches if self.cells is None else self.cells  # what the image encoder reads, per image
         self.image_of = [at[r.image_id] for r in self.records]
         self.tokens = vocab.encode([r.question for r in self.records])
         index = {a: k for k, a in enumerate(answers)}
@@ -132,10 +142,13 @@ class FineTuneData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, mate = self.image_of[index], self.mixup.sample(index)
-        return {"patches": self.patches[image], "tokens": self.tokens[index], "answer": self.answer[index],
-                "partner_patches": self.patches[self.similar.sample(image)],
-                "mix_patches": self.patches[self.image_of[mate]], "mix_tokens": self.tokens[mate],
-                "mix_answer": self.answer[mate]}
+        partner, mate_image = self.similar.sample(image), self.image_of[mate]
+        item = {"patches": self.patches[image], "tokens": self.tokens[index], "answer": self.answer[index],
+                "partner_patches": self.patches[partner], "mix_patches": self.patches[mate_image],
+                "mix_tokens": self.tokens[mate], "mix_answer": self.answer[mate]}
+        if self.cells is not None:
+            item.update(cells=self.cells[image], partner_cells=self.cells[partner], mix_cells=self.cells[mate_image])
+        return item
 
 # %% ../nbs/06_difference_reconstruction.ipynb #c026
 def deviate(H: torch.Tensor, H_partner: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
@@ -208,10 +221,10 @@ def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeigh
     patches, tokens, answer = batch["patches"], trim_text_padding(batch["tokens"]), batch["answer"]
     text = tokens[:, 1:]
     padding = text == CompactVocabulary.PAD
-    h_i, H_i, h_t, H_t = model.encode(patches, tokens)  # CMDPI Eq. 1, unmasked
+    h_i, H_i, h_t, H_t = model.encode(image_input(batch), tokens)  # CMDPI Eq. 1, unmasked
     h_f = model.global_vector(h_i, h_t)
     if weights.difference:
-        _, H_partner = model.image_encoder(batch["partner_patches"])  # CMDPI Eq. 8: H_I_hat
+        _, H_partner = model.image_encoder(image_input(batch, "partner_"))  # CMDPI Eq. 8: H_I_hat
         H_i = deviate(H_i, H_partner, torch.rand(len(patches)).to(patches.device))  # CMDPI Eq. 8: eps ~ U[0, 1]
     out_i, out_t, logits, h_d = model.reconstruct(h_f, H_i, H_t, padding)  # CMDPI Eq. 8-9: H_o^d and its heads
     parts, total = {}, torch.zeros((), device=patches.device)
@@ -220,7 +233,7 @@ def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeigh
         parts["diff"] = l_diff.item()
         total = total + weights.diff * l_diff  # CMDPI Eq. 13
     if weights.mixup:
-        _, h_partner = answer_head(model, batch["mix_patches"], batch["mix_tokens"])  # h_D_hat, no deviation
+        _, h_partner = answer_head(model, image_input(batch, "mix_"), batch["mix_tokens"])  # h_D_hat, no deviation
         lam_values = lam.sample(len(patches)).to(patches.device)
         targets = mixed_targets(answer, batch["mix_answer"], lam_values, model.config.n_answers)  # CMDPI Eq. 11
         l_ans = F.cross_entropy(model.ffn_answer(mix_heads(h_d, h_partner, lam_values)), targets)  # CMDPI Eq. 12
@@ -238,7 +251,7 @@ def predict_answers(model: CoRegularizedModel, data: FineTuneData, answers: Sequ
     out = []
     for start in range(0, len(data), batch_size):
         rows = range(start, min(start + batch_size, len(data)))
-        patches = data.patches[[data.image_of[i] for i in rows]]
-        logits, _ = answer_head(model, patches.to(device), data.tokens[start:rows.stop].to(device))
+        inputs = data.inputs[[data.image_of[i] for i in rows]]  # pixel patches or feature cells
+        logits, _ = answer_head(model, inputs.to(device), data.tokens[start:rows.stop].to(device))
         out += [answers[k] for k in logits.argmax(1).tolist()]
     return out

@@ -62,6 +62,7 @@ class GatedFusion(nn.Module):
         dim = dim or width
         self.visual_side, self.scales, self.fuse = visual_side, scales, fuse
         self.text_mlp = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, width))  # X_t = MLP(eps(T))
+        self.vision_norm = nn.LayerNorm(vision_dim)  # X_v at a common scale, whatever the tower (our addition)
         self.proj = nn.Linear(vision_dim, width)  # Proj
         if fuse:
             self.query = nn.Linear(width, dim)  # X_t into the decoder's width
@@ -84,11 +85,11 @@ class GatedFusion(nn.Module):
         return self.text_mlp(embeddings.to(self.text_mlp[0].weight.dtype))  # a bf16 LLM's embeddings, fp32 fusion
 
     def plain_tokens(self, patches: torch.Tensor) -> torch.Tensor:
-        """X_v: the encoder grid average-pooled to visual_side x visual_side, [B, L, D_v]."""
+        """X_v: the encoder grid average-pooled to visual_side x visual_side and layer-normalised, [B, L, D_v]."""
         grid = patches.permute(0, 3, 1, 2)
         if self.visual_side and self.visual_side != patches.shape[1]:
             grid = F.adaptive_avg_pool2d(grid, self.visual_side)
-        return grid.flatten(2).transpose(1, 2)
+        return self.vision_norm(grid.flatten(2).transpose(1, 2))  # a frozen tower's features come at its own scale
 
     def forward(self, patches: torch.Tensor, question_embeddings: torch.Tensor,
                 question_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

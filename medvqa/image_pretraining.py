@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import atomic_path, cache_root
-from .models import SmallCNN
+from .models import IMAGENET_MEAN, IMAGENET_STD, SmallCNN
 
 # %% auto #0
-__all__ = ['ENCODER_NAME', 'ENCODER_VERSION', 'nt_xent_loss', 'ssl_views', 'PretrainSettings', 'SimCLRModel', 'simclr_loss',
-           'ImageTensors', 'encoder_key', 'encoder_cache_file', 'save_encoder', 'read_encoder_file', 'key_differences',
-           'pretrain_encoder', 'pretrained_encoder_from_images', 'training_images', 'pretrained_encoder',
-           'probe_labels', 'probeable', 'linear_probe']
+__all__ = ['ENCODER_NAME', 'ENCODER_VERSION', 'ADAPTED_NAME', 'ADAPTED_VERSION', 'nt_xent_loss', 'ssl_views', 'PretrainSettings',
+           'SimCLRModel', 'simclr_loss', 'ImageTensors', 'encoder_key', 'encoder_cache_file', 'save_encoder',
+           'read_encoder_file', 'key_differences', 'pretrain_encoder', 'cached_encoder',
+           'pretrained_encoder_from_images', 'training_images', 'pretrained_encoder', 'AdaptSettings', 'TowerSimCLR',
+           'adapt_tower', 'adapted_encoder', 'probe_labels', 'probeable', 'linear_probe']
 
 # %% ../nbs/02a_image_pretraining.ipynb #c008
 def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -118,21 +119,22 @@ ENCODER_NAME = "small-cnn-ssl"
 ENCODER_VERSION = 1  # bump when the architecture or the training recipe changes
 
 
-def encoder_key(dataset: str, image_size: int, image_ids: Sequence[str], settings: PretrainSettings,
-                data: str = "") -> dict[str, Any]:
-    """What identifies a pre-trained encoder: data, image size, the training image ids (digest) and the settings."""
+def encoder_key(dataset: str, image_size: int, image_ids: Sequence[str], settings: Any, data: str = "",
+                name: str = ENCODER_NAME, version: int = ENCODER_VERSION, **extra: Any) -> dict[str, Any]:
+    """What identifies a pre-trained encoder: its name and recipe version, data, image size, the training image ids
+    (digest), the settings (a dataclass) and any `extra` fields (such as the hash of the weights it starts from)."""
     digest = hashlib.sha1("\n".join(sorted(map(str, image_ids))).encode()).hexdigest()[:16]
-    return {"encoder": ENCODER_NAME, "version": ENCODER_VERSION, "dataset": dataset, "data": data or dataset,
-            "image_size": int(image_size), "images": len(image_ids), "image_ids_sha1": digest, **asdict(settings)}
+    return {"encoder": name, "version": version, "dataset": dataset, "data": data or dataset,
+            "image_size": int(image_size), "images": len(image_ids), "image_ids_sha1": digest, **asdict(settings), **extra}
 
 
 def encoder_cache_file(key: dict[str, Any]) -> Path:
-    """`MEDVQA_CACHE/encoders/small-cnn-ssl-<data>-<size>px-seed<seed>.safetensors`."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{ENCODER_NAME}-{key['data']}-{key['image_size']}px-seed{key['seed']}")
+    """`MEDVQA_CACHE/encoders/<encoder>-<data>-<size>px-seed<seed>.safetensors`."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{key['encoder']}-{key['data']}-{key['image_size']}px-seed{key['seed']}")
     return cache_root() / "encoders" / f"{stem}.safetensors"
 
 
-def save_encoder(path: str | Path, encoder: SmallCNN, key: dict[str, Any]) -> Path:
+def save_encoder(path: str | Path, encoder: nn.Module, key: dict[str, Any]) -> Path:
     """Write the encoder's weights with its key in the metadata (safetensors, atomically)."""
     from safetensors.torch import save_file
     path = Path(path)
@@ -178,19 +180,18 @@ def pretrain_encoder(images: Sequence[torch.Tensor], settings: PretrainSettings,
     return model.encoder.cpu().eval(), result.history
 
 
-def pretrained_encoder_from_images(images: dict[str, torch.Tensor], key: dict[str, Any], settings: PretrainSettings,
-                                   retrain: bool = False, device: str = "auto",
-                                   progress: bool = True) -> tuple[SmallCNN, dict[str, Any]]:
-    """Load the cached encoder for `key`, or train it on `images` and cache it; returns (encoder, info)."""
+def cached_encoder(key: dict[str, Any], build: Callable[[], nn.Module],
+                   train: Callable[[Path], tuple[nn.Module, list[dict]]], retrain: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the cached encoder for `key` into `build()`, or `train(run_dir)` it and cache it; returns (encoder, info).
+    Its name is `key['encoder']`; `train` resumes from `run_dir` when an earlier run of the same settings stopped."""
     start = time.perf_counter()
     path = encoder_cache_file(key)
-    size = next(iter(images.values())).shape[-1]
     if path.is_file() and not retrain:
         weights, saved = read_encoder_file(path)
         if saved == key:
-            encoder = SmallCNN(size, settings.width)
+            encoder = build()
             encoder.load_state_dict(weights)
-            encoder.name = ENCODER_NAME
+            encoder.name = key["encoder"]
             return encoder.eval(), {"status": "loaded", "path": str(path), "seconds": time.perf_counter() - start,
                                     "key": key, "history": []}
         warnings.warn(f"{path} holds an encoder trained with other settings ({'; '.join(key_differences(saved, key))}); "
@@ -199,28 +200,40 @@ def pretrained_encoder_from_images(images: dict[str, torch.Tensor], key: dict[st
     if retrain:
         shutil.rmtree(run, ignore_errors=True)
     try:
-        encoder, history = pretrain_encoder([images[i] for i in sorted(images)], settings, run, device, progress)
+        encoder, history = train(run)
     except ValueError as error:
         if "saved with another config" not in str(error):
             raise
         shutil.rmtree(run, ignore_errors=True)  # a partial run of other settings: start over
-        encoder, history = pretrain_encoder([images[i] for i in sorted(images)], settings, run, device, progress)
-    encoder.name = ENCODER_NAME
+        encoder, history = train(run)
+    encoder.name = key["encoder"]
     save_encoder(path, encoder, key)
     shutil.rmtree(run, ignore_errors=True)
     return encoder, {"status": "trained", "path": str(path), "seconds": time.perf_counter() - start, "key": key,
                      "history": history}
 
+
+def pretrained_encoder_from_images(images: dict[str, torch.Tensor], key: dict[str, Any], settings: PretrainSettings,
+                                   retrain: bool = False, device: str = "auto",
+                                   progress: bool = True) -> tuple[SmallCNN, dict[str, Any]]:
+    """Load the cached `small-cnn-ssl` for `key`, or train it on `images` and cache it; returns (encoder, info)."""
+    size = next(iter(images.values())).shape[-1]
+    return cached_encoder(key, lambda: SmallCNN(size, settings.width),
+                          lambda run: pretrain_encoder([images[i] for i in sorted(images)], settings, run, device, progress),
+                          retrain)
+
 # %% ../nbs/02a_image_pretraining.ipynb #c020
-def training_images(dataset: str, image_size: int, seed: int = 0, synthetic_images: int = 480,
-                    synthetic_options: str = "") -> tuple[dict[str, torch.Tensor], str]:
-    """({image_id: [3, S, S]} of the dataset's training split, a data description for the cache key)."""
+def training_images(dataset: str, image_size: int, seed: int = 0, synthetic_images: int = 480, synthetic_options: str = "",
+                    mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> tuple[dict[str, torch.Tensor], str]:
+    """({image_id: [3, S, S]} of the dataset's training split, normalised by `mean` and `std`, and a data description
+    for the cache key)."""
     from medvqa.data import load_images
     from medvqa.data import load_split, synthetic_name
     records = load_split(dataset, "train", synthetic_images=synthetic_images, synthetic_options=synthetic_options, seed=seed,
                          missing_images="skip" if dataset == "pathvqa" else None)
     data = synthetic_name(synthetic_images, seed, synthetic_options) if dataset == "synthetic" else dataset
-    return load_images(records, image_size), data
+    return load_images(records, image_size, mean, std), data
 
 
 def pretrained_encoder(dataset: str, image_size: int = 64, *, seed: int = 0, synthetic_images: int = 480, synthetic_options: str = "",
@@ -231,6 +244,84 @@ def pretrained_encoder(dataset: str, image_size: int = 64, *, seed: int = 0, syn
     images, data = training_images(dataset, image_size, seed, synthetic_images, synthetic_options)
     key = encoder_key(dataset, image_size, list(images), settings, data)
     return pretrained_encoder_from_images(images, key, settings, retrain, device, progress)
+
+# %% ../nbs/02a_image_pretraining.ipynb #c027b
+ADAPTED_NAME = "effnet-lite0-ssl"
+ADAPTED_VERSION = 1  # bump when the recipe changes
+
+
+@dataclass
+class AdaptSettings:
+    """SimCLR continued from effnet-lite0's ImageNet weights (part of the cache key of `effnet-lite0-ssl`)."""
+    epochs: int = 5  # passes over the training images
+    batch_size: int = 32  # images per batch (2 views each)
+    lr: float = 1e-4  # peak AdamW learning rate: small, the weights start trained
+    weight_decay: float = 1e-4  # AdamW weight decay
+    temperature: float = 0.2  # tau of NT-Xent
+    min_crop: float = 0.6  # smallest kept area of a random crop
+    max_rotation: float = 10.0  # largest rotation in degrees
+    projection_dim: int = 128  # output of the projection head
+    trained_stages: int = 3  # the last stages that train, with the head convolution; the earlier ones keep ImageNet's weights
+    train_size: int = 160  # side of the training views (the tower then runs at its own 224 px)
+    seed: int = 0  # seeds the head, the views and the data order
+
+
+class TowerSimCLR(SimCLRModel):
+    """SimCLR on a pretrained tower whose batch-norm layers keep their statistics (evaluation mode) while it trains."""
+
+    def train(self, mode: bool = True) -> "TowerSimCLR":
+        super().train(mode)
+        for module in self.encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+def adapt_tower(images: Sequence[torch.Tensor], settings: AdaptSettings, run_dir: str | Path | None = None,
+                device: str = "auto", progress: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Continue SimCLR from effnet-lite0's ImageNet weights on `images` ([3, S, S] at `train_size`, ImageNet-normalised);
+    returns (the tower at its own 224 px, in eval mode on the CPU, frozen; the training history)."""
+    from medvqa.core import seed_everything
+    from medvqa.models import EfficientNetLite0Encoder
+    from medvqa.training import TrainConfig, fit
+    images = list(images)
+    if len(images) < 2:
+        raise ValueError(f"adapt_tower needs at least 2 images, got {len(images)}")
+    if images[0].shape[-1] != settings.train_size:
+        raise ValueError(f"images are {images[0].shape[-1]} px, settings.train_size is {settings.train_size}")
+    seed_everything(settings.seed)
+    tower = EfficientNetLite0Encoder()  # ImageNet weights, SHA-256 checked
+    stages = list(tower.net.blocks)
+    if not 1 <= settings.trained_stages <= len(stages):
+        raise ValueError(f"trained_stages={settings.trained_stages}: effnet-lite0 has {len(stages)} stages")
+    tower.requires_grad_(False)
+    for part in stages[len(stages) - settings.trained_stages:] + [tower.net.conv_head, tower.net.bn2]:
+        part.requires_grad_(True)
+    full_size, tower.image_size = tower.image_size, settings.train_size
+    model = TowerSimCLR(tower, settings.projection_dim)
+    config = TrainConfig(epochs=settings.epochs, batch_size=min(settings.batch_size, len(images)), lr=settings.lr,
+                         weight_decay=settings.weight_decay, seed=settings.seed, device=device, drop_last=True,
+                         checkpoint_every=100, progress=progress)
+    result = fit(model, lambda m, batch: simclr_loss(m, batch, settings), ImageTensors(images), config, run_dir=run_dir,
+                 params=[p for p in model.parameters() if p.requires_grad])
+    tower = model.encoder.cpu().eval().requires_grad_(False)
+    tower.image_size, tower.name = full_size, ADAPTED_NAME
+    return tower, result.history
+
+
+def adapted_encoder(dataset: str, *, seed: int = 0, synthetic_images: int = 480, synthetic_options: str = "",
+                    settings: AdaptSettings | None = None, retrain: bool = False, device: str = "auto",
+                    progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """`effnet-lite0-ssl` for a dataset: the cached adapted tower of these settings, or one adapted now on its training images."""
+    from medvqa.models import EFFNET_LITE0_SHA256, EfficientNetLite0Encoder
+    settings = settings or AdaptSettings(seed=seed)
+    images, data = training_images(dataset, settings.train_size, seed, synthetic_images, synthetic_options,
+                                   IMAGENET_MEAN, IMAGENET_STD)
+    key = encoder_key(dataset, settings.train_size, list(images), settings, data, ADAPTED_NAME, ADAPTED_VERSION,
+                      base_sha256=EFFNET_LITE0_SHA256)
+    return cached_encoder(key, lambda: EfficientNetLite0Encoder(pretrained=False),
+                          lambda run: adapt_tower([images[i] for i in sorted(images)], settings, run, device, progress),
+                          retrain)
 
 # %% ../nbs/02a_image_pretraining.ipynb #c029
 _IMAGE_NORMALITY = re.compile(r"\b(this|the) (image|picture|study|scan|findings?)\b.*\b(abnormal|normal|healthy)\b|"

@@ -59,8 +59,10 @@ def draw_intra_class(pool_size: int, k: int, generator: torch.Generator | None =
     return torch.randint(pool_size, (k,), generator=generator)
 
 # %% ../nbs/08_knowledge_vqa.ipynb #c017
-def _projector(in_dim: int, width: int, tokens: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, tokens * width))
+def _projector(in_dim: int, width: int, tokens: int = 1, norm: bool = False) -> nn.Sequential:
+    """A two-layer MLP to `tokens` LM-width vectors; `norm` first layer-normalises the input (a frozen tower's features)."""
+    return nn.Sequential(*([nn.LayerNorm(in_dim)] if norm else []), nn.Linear(in_dim, width), nn.GELU(),
+                         nn.Linear(width, tokens * width))
 
 
 class KnowledgeVQA(PrefixLM):
@@ -74,7 +76,7 @@ class KnowledgeVQA(PrefixLM):
         self.order, self.pool, self.width = parse_prefix_order(order), pool, width
         self.counts = {"knowledge": knowledge_tokens, "intra": intra_tokens}
         self.space = space.requires_grad_(False).eval()
-        self.image_projector = _projector(vision_dim, width)
+        self.image_projector = _projector(vision_dim, width, norm=True)  # the tower's features come at their own scale
         self.knowledge_projector = _projector(embed_dim, width, knowledge_tokens)
         self.intra_projector = _projector(embed_dim, width, intra_tokens)
 

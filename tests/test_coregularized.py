@@ -218,3 +218,73 @@ def test_trailing_text_padding_changes_nothing():
         _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
     assert torch.allclose(full_logits, logits, atol=1e-5) and torch.allclose(full_state, state, atol=1e-5)
     assert torch.equal(trim_text_padding(torch.zeros(2, 5, dtype=torch.long)), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_pool_cells_matches_block_means():
+    """Each cell is the mean of its block of the tower's grid, in patchify's row-major order."""
+    from medvqa.coregularized import pool_cells
+    grid = torch.randn(2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    cells = pool_cells(grid, 2)
+    assert cells.shape == (2, 4, 3)
+    for b in range(2):
+        for k, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+            assert torch.allclose(cells[b, k], grid[b, r:r + 2, c:c + 2].reshape(-1, 3).mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="square feature grid"):
+        pool_cells(torch.randn(2, 4, 3, 3), 2)
+
+
+def test_model_on_feature_cells_reads_cells_and_rebuilds_pixels():
+    """With cell_dim set, the image encoder reads batch['cells'] (LayerNorm + linear) and L_img still compares the rebuilt
+    patches with the pixels: changing the pixels moves only the reconstruction terms, changing the cells moves h_I."""
+    from medvqa.coregularized import answer_head, image_input
+    torch.manual_seed(0)
+    cfg = CoRegConfig(vocab_size=12, n_answers=3, image_size=16, patch=8, dim=8, encoder_layers=1, recnet_layers=1, heads=2,
+                      text_length=6, cell_dim=5)
+    model = CoRegularizedModel(cfg).eval()
+    _, batch = tiny()
+    batch["cells"] = torch.randn(4, 4, 5)
+    assert image_input(batch) is batch["cells"] and image_input({"patches": batch["patches"]}) is batch["patches"]
+    with torch.no_grad():
+        logits, _ = answer_head(model, image_input(batch), batch["tokens"])
+        other_pixels = {**batch, "patches": batch["patches"] + 1.0}
+        assert torch.equal(answer_head(model, image_input(other_pixels), batch["tokens"])[0], logits)  # pixels are not read
+        other_cells = {**batch, "cells": batch["cells"] + torch.randn(4, 4, 5)}
+        assert not torch.allclose(answer_head(model, image_input(other_cells), batch["tokens"])[0], logits)
+        weights = PretrainWeights(inter=0, intra=0)
+        g = lambda: torch.Generator().manual_seed(3)
+        _, parts = pretraining_loss(model, batch, weights, momentum=None, generator=g())
+        _, moved = pretraining_loss(model, other_pixels, weights, momentum=None, generator=g())
+        assert moved["rec_global"] > parts["rec_global"]  # the targets moved, the inputs did not
+    model.train()
+    loss, _ = pretraining_loss(model, batch, PretrainWeights(), momentum=None, generator=g())
+    loss.backward()
+    assert model.image_encoder.embed[1].weight.grad is not None and model.image_encoder.embed[0].weight.grad is not None
+    with pytest.raises(ValueError, match="feature cells for 4 patches"):
+        pretraining_loss(model, {**batch, "cells": torch.randn(4, 2, 5)}, momentum=None)
+
+
+def test_tower_cells_pool_the_towers_grid_and_name_a_broken_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))  # frozen_features keeps its cache there
+    from medvqa.coregularized import PretrainingData, pool_cells, tower_cells
+    from medvqa.data import DatasetError, image_transform
+    from medvqa.models import SmallCNN
+    from PIL import Image
+    torch.manual_seed(0)
+    tower = SmallCNN(image_size=32).eval()  # a 4x4 grid of 128-d features at 32 px
+    for name, value in (("a", 40), ("b", 200)):
+        _jpeg(tmp_path / f"{name}.png", value)
+    cells = tower_cells(tower, {"a": tmp_path / "a.png", "b": tmp_path / "b.png"}, side=2)
+    with torch.no_grad():
+        x = image_transform(32, tower.mean, tower.std)(Image.open(tmp_path / "b.png").convert("RGB"))[None]
+        expected = pool_cells(tower(x).patches, 2)[0]
+    assert cells["b"].shape == (4, 128) and torch.allclose(cells["b"], expected, atol=1e-5)
+    assert not torch.allclose(cells["a"], cells["b"])
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="c.png.*record c.*'image'"):
+        tower_cells(tower, {"c": tmp_path / "c.png"}, side=2)
+    vocab = CompactVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
+    images = {"a": torch.zeros(3, 16, 16), "b": torch.ones(3, 16, 16)}
+    data = PretrainingData(images, {"a": "a caption", "b": "a caption"}, [], vocab, patch=8, image_size=16, cells=cells)
+    assert torch.equal(data[1]["cells"], cells["b"]) and data[1]["patches"].shape == (4, 192)
+    with pytest.raises(ValueError, match="no feature cells for 1 images"):
+        PretrainingData(images, {"a": "a caption", "b": "a caption"}, [], vocab, patch=8, image_size=16, cells={"a": cells["a"]})

@@ -262,3 +262,38 @@ def test_blank_image_data_gives_every_question_the_same_image():
         a = answer_head(model, data.patches[:1], data.tokens[:1])[0]
         b = answer_head(model, patchify(images["0"][None], 8), data.tokens[:1])[0]
     assert not torch.allclose(a, b)
+
+
+def test_feature_cells_follow_the_same_partners_and_are_what_the_encoder_reads():
+    """With a frozen tower's cells, each sample's cells, partner cells and mixup cells belong to the same images as its
+    patches; without L_diff the pixels are never read, and predictions use the cells."""
+    from medvqa.difference_reconstruction import predict_answers
+    _, vocab, answers, records, images = tiny_setup()
+    cells = {i: torch.randn(4, 5, generator=torch.Generator().manual_seed(int(i))) for i in images}
+    torch.manual_seed(0)
+    cfg = CoRegConfig(vocab_size=len(vocab), n_answers=3, image_size=16, patch=8, dim=16, encoder_layers=1,
+                      recnet_layers=1, heads=2, text_length=6, cell_dim=5)
+    model = CoRegularizedModel(cfg).eval()
+    data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]}, cells=cells)
+    patch_of = {i: patchify(images[i][None], 8)[0] for i in images}
+    torch.manual_seed(1)
+    for i in range(len(data)):
+        item = data[i]
+        for prefix in ("", "partner_", "mix_"):
+            owner = next(j for j in images if torch.equal(patch_of[j], item[f"{prefix}patches"]))
+            assert torch.equal(item[f"{prefix}cells"], cells[owner]), (i, prefix)
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+    with torch.no_grad():
+        torch.manual_seed(2)
+        loss, _ = finetune_loss(model, batch, FineTuneWeights(difference=False))
+        torch.manual_seed(2)
+        same, _ = finetune_loss(model, {**batch, "patches": -batch["patches"]}, FineTuneWeights(difference=False))
+        assert torch.equal(loss, same)  # no L_diff: the pixels are never read
+        torch.manual_seed(2)
+        moved, _ = finetune_loss(model, {**batch, "cells": batch["cells"] + torch.randn(batch["cells"].shape)}, FineTuneWeights(difference=False))
+        assert not torch.allclose(loss, moved)
+        from medvqa.coregularized import answer_head
+        logits, _ = answer_head(model, torch.stack([cells[r.image_id] for r in records]), data.tokens)
+    assert predict_answers(model, data, answers) == [answers[k] for k in logits.argmax(1).tolist()]
+    with pytest.raises(ValueError, match="no feature cells for images"):
+        FineTuneData(records, images, vocab, answers, 8, cells={"0": cells["0"]})

@@ -201,3 +201,28 @@ def test_linear_probe_per_image_hits_pair_encoders_on_the_same_images():
     # the per-image hits average to the fold accuracies (equal folds of 12 images)
     assert abs(noise["correct"].mean() - noise["accuracy"]) < 1e-9
     assert set(np.unique(noise["correct"])) <= {0.0, 1.0}
+
+
+def test_adapted_imagenet_tower_trains_only_its_last_stages_and_is_cached(temp_cache):
+    """effnet-lite0-ssl: SimCLR continued from the ImageNet weights. The stem and the first four stages keep ImageNet's
+    weights, every batch-norm layer its statistics; the key names the base file's hash; a second call loads the file."""
+    from medvqa.image_pretraining import ADAPTED_NAME, AdaptSettings, adapted_encoder
+    from medvqa.models import EFFNET_LITE0_SHA256, EfficientNetLite0Encoder
+    settings = AdaptSettings(epochs=1, batch_size=8, lr=1e-3, train_size=64, seed=2)
+    tower, info = adapted_encoder("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
+    assert info["status"] == "trained" and info["key"]["encoder"] == ADAPTED_NAME
+    assert info["key"]["base_sha256"] == EFFNET_LITE0_SHA256 and info["key"]["image_size"] == 64
+    imagenet = EfficientNetLite0Encoder().state_dict()
+    moved = {k for k, v in tower.state_dict().items() if not torch.equal(v, imagenet[k])}
+    assert any(k.startswith("net.blocks.6.") for k in moved) and any(k.startswith("net.blocks.4.") for k in moved)
+    assert not any(k.startswith(("net.conv_stem", "net.bn1", "net.blocks.0.", "net.blocks.1.", "net.blocks.2.",
+                                 "net.blocks.3.")) for k in moved)
+    assert not any("running_" in k or "num_batches" in k for k in moved)
+    assert tower.image_size == 224 and not any(p.requires_grad for p in tower.parameters())
+    assert tower(torch.rand(1, 3, 224, 224)).patches.shape == (1, 14, 14, 432)
+    again, second = adapted_encoder("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
+    assert second["status"] == "loaded" and again.name == ADAPTED_NAME
+    assert torch.equal(again.state_dict()["net.blocks.5.0.conv_pw.weight"], tower.state_dict()["net.blocks.5.0.conv_pw.weight"])
+    with pytest.raises(ValueError, match="train_size is 64"):
+        from medvqa.image_pretraining import adapt_tower
+        adapt_tower([torch.rand(3, 32, 32)] * 2, settings)

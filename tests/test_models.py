@@ -20,7 +20,7 @@ def smollm2():
 def test_unknown_names_list_known_ones():
     with pytest.raises(ValueError, match="'minilm'.*'smollm2-135m'"):
         models.model_spec("gpt-5")
-    with pytest.raises(ValueError, match="'small-vit', 'small-cnn', 'small-cnn-ssl', 'effnet-lite0', 'biomedclip'"):
+    with pytest.raises(ValueError, match="'small-vit', 'small-cnn', 'small-cnn-ssl', 'effnet-lite0', 'effnet-lite0-ssl', 'biomedclip'"):
         models.load_image_encoder("resnet-50")
 
 
@@ -61,6 +61,9 @@ def test_small_cnn_shapes_pooling_and_errors():
     assert isinstance(built, models.SmallCNN) and built.name == "small-cnn-ssl"
     with pytest.raises(ValueError, match="use load_image_encoder"):
         models.build_image_encoder("biomedclip")
+    adapted = models.build_image_encoder("effnet-lite0-ssl", 64)  # the ImageNet architecture at its own size, no weights
+    assert isinstance(adapted, models.EfficientNetLite0Encoder) and adapted.image_size == 224
+    assert adapted.name == "effnet-lite0-ssl" and adapted.weights_file is None
 
 
 def test_apply_lora_dropout_override():
@@ -469,3 +472,39 @@ def test_the_registry_imports_no_chapter_that_trains():
     import medvqa.coregularized
     import medvqa.data
     assert hasattr(medvqa.data, "load_images") and not hasattr(medvqa.coregularized, "load_images")  # image loading: data
+
+
+def test_frozen_features_are_cached_per_tower_weights_and_files(tmp_path, monkeypatch):
+    """The cache returns exactly what the tower computes; other weights or a changed file give another entry; a file
+    that cannot be decoded is an error naming the file, the image and the field."""
+    from PIL import Image
+    from medvqa.data import DatasetError, image_transform
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
+    for k in range(3):
+        Image.new("RGB", (30, 20), (50 * k, 90, 10)).save(tmp_path / f"{k}.png")
+    files = {str(k): tmp_path / f"{k}.png" for k in range(3)}
+    torch.manual_seed(0)
+    cnn = models.SmallCNN(image_size=32).eval()
+    embedding, patches = models.frozen_features(cnn, files)
+    with torch.no_grad():
+        x = torch.stack([image_transform(32, cnn.mean, cnn.std)(Image.open(files[i]).convert("RGB")) for i in "012"])
+        direct = cnn(x)
+    for k, i in enumerate("012"):
+        torch.testing.assert_close(embedding[i], direct.embedding[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(patches[i], direct.patches[k], atol=1e-5, rtol=1e-5)
+    cached = list((tmp_path / "cache" / "features").glob("*.safetensors"))
+    assert len(cached) == 1
+    again = models.frozen_features(cnn, files)
+    assert all(torch.equal(again[1][i], patches[i]) for i in files)
+    Image.new("RGB", (30, 20), (250, 0, 0)).save(tmp_path / "2.png")  # a changed file: computed again
+    changed = models.frozen_features(cnn, files)
+    assert not torch.allclose(changed[0]["2"], embedding["2"]) and torch.allclose(changed[0]["0"], embedding["0"])
+    with torch.no_grad():
+        cnn.body[0][0].weight.mul_(-1)
+    models.frozen_features(cnn, files)
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
+    (tmp_path / "bad.png").write_bytes(b"no image")
+    with pytest.raises(DatasetError, match=r"bad\.png, record bad, field 'image'"):
+        models.frozen_features(cnn, {"bad": tmp_path / "bad.png"})
+    with pytest.raises(DatasetError, match="not found"):
+        models.frozen_features(cnn, {"gone": tmp_path / "gone.png"})
