@@ -29,7 +29,7 @@ __all__ = ['ENCODER_NAME', 'ENCODER_VERSION', 'ADAPTED_NAME', 'ADAPTED_VERSION',
            'SimCLRModel', 'simclr_loss', 'ImageTensors', 'encoder_key', 'encoder_cache_file', 'save_encoder',
            'read_encoder_file', 'key_differences', 'pretrain_encoder', 'cached_encoder',
            'pretrained_encoder_from_images', 'training_images', 'pretrained_encoder', 'AdaptSettings', 'TowerSimCLR',
-           'adapt_tower', 'adapted_encoder', 'probe_labels', 'probeable', 'linear_probe']
+           'adapt_tower', 'adapted_encoder', 'probe_labels', 'probeable', 'linear_probe', 'few_shot_probe']
 
 # %% ../nbs/02a_image_pretraining.ipynb #c008
 def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -380,3 +380,33 @@ def linear_probe(features: np.ndarray, labels: Sequence[str], folds: int = 5, se
     majority = max(Counter(y.tolist()).values()) / int(keep.sum())
     return {"accuracy": float(np.mean(scores)), "folds": scores, "images": int(keep.sum()), "correct": correct, "kept": keep,
             "left_out": int((~keep).sum()), "classes": len(set(y.tolist())), "majority": float(majority)}
+
+
+def few_shot_probe(features: np.ndarray, labels: Sequence[str], shots: int = 5, draws: int = 30,
+                   seed: int = 0) -> dict[str, Any]:
+    """A logistic regression trained on `shots` images per class (classes with more than `shots` images), tested on
+    the rest, over `draws` random draws; `hit_rate` is each image's share of correct answers over the draws that tested
+    it (`kept` marks the images tested at least once), in input order: the same images for every encoder, for pairing."""
+    from collections import Counter
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    features, labels = np.asarray(features), np.asarray(labels)
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
+    classes = sorted(c for c, n in Counter(labels.tolist()).items() if n > shots)
+    if len(classes) < 2:
+        raise ValueError(f"few_shot_probe needs two classes with more than {shots} images, got {dict(Counter(labels.tolist()))}")
+    rng = np.random.default_rng(seed)
+    hits, tested = np.zeros(len(labels)), np.zeros(len(labels))
+    eligible = np.flatnonzero(np.isin(labels, classes))
+    for _ in range(draws):
+        train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in classes])
+        test = np.setdiff1d(eligible, train)
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5)).fit(features[train], labels[train])
+        hits[test] += classifier.predict(features[test]) == labels[test]
+        tested[test] += 1
+    kept = tested > 0
+    rate = hits[kept] / tested[kept]
+    return {"accuracy": float(rate.mean()), "hit_rate": rate, "kept": kept, "shots": shots, "draws": draws,
+            "classes": len(classes)}

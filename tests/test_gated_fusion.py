@@ -149,8 +149,11 @@ def test_gate_starts_at_tanh_beta_and_plain_variant():
         out, x_t = fusion(patches, question)
         memory = fusion.memory(multi_scale_features(patches, 3)) + fusion.block_pos
         x_vt = fusion.decoder(fusion.query(fusion.text_mlp(question)), memory)
-        plain = fusion.proj(F.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2))
-    assert torch.allclose(out, plain + fusion.proj_g(x_vt) * math.tanh(0.1), atol=1e-6)
+        pooled = F.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)  # [3, 4, 6]
+        standard = (pooled - pooled.mean(-1, keepdim=True)) / torch.sqrt(pooled.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        plain = fusion.proj(standard)  # X_v layer-normalised (unit scale, zero shift at initialisation), then Proj
+    assert torch.allclose(fusion.plain_tokens(patches), standard, atol=1e-5)
+    assert torch.allclose(out, plain + fusion.proj_g(x_vt) * math.tanh(0.1), atol=1e-5)
     assert abs(fusion.gate - math.tanh(0.1)) < 1e-7 and torch.allclose(x_t, fusion.text_mlp(question))
     with pytest.raises(ValueError, match="pad or cut"):
         fusion(patches, torch.randn(3, 5, 12))

@@ -226,3 +226,21 @@ def test_adapted_imagenet_tower_trains_only_its_last_stages_and_is_cached(temp_c
     with pytest.raises(ValueError, match="train_size is 64"):
         from medvqa.image_pretraining import adapt_tower
         adapt_tower([torch.rand(3, 32, 32)] * 2, settings)
+
+
+def test_few_shot_probe_is_a_per_image_hit_rate_that_tells_features_apart():
+    from medvqa.image_pretraining import few_shot_probe
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 30 + ["b"] * 30 + ["c"] * 4  # class c has too few images for 5 shots: never tested
+    informative = np.vstack([rng.normal(0, 1, (30, 8)) + 3, rng.normal(0, 1, (30, 8)) - 3, rng.normal(0, 1, (4, 8))])
+    noise = rng.normal(0, 1, (64, 8))
+    good = few_shot_probe(informative, labels, shots=5, draws=20, seed=1)
+    bad = few_shot_probe(noise, labels, shots=5, draws=20, seed=1)
+    assert good["kept"].sum() == 60 and not good["kept"][60:].any() and good["classes"] == 2
+    assert good["accuracy"] > 0.95 and 0.3 < bad["accuracy"] < 0.7  # chance is 0.5 between two classes
+    assert np.array_equal(good["kept"], bad["kept"])  # the same images for every feature set: they pair
+    assert ((good["hit_rate"] >= 0) & (good["hit_rate"] <= 1)).all()
+    again = few_shot_probe(noise, labels, shots=5, draws=20, seed=1)
+    assert np.array_equal(again["hit_rate"], bad["hit_rate"])  # seeded draws repeat
+    with pytest.raises(ValueError, match="more than 40 images"):
+        few_shot_probe(noise, labels, shots=40)

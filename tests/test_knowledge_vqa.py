@@ -159,3 +159,16 @@ def test_generate_returns_new_tokens():
     batch = torch.utils.data.default_collate([data[i] for i in range(3)])
     ids = model.generate(batch, max_new_tokens=3, eos_token_id=2)
     assert ids.shape[0] == 3 and 1 <= ids.shape[1] <= 3
+
+
+def test_image_tokens_do_not_depend_on_the_towers_scale():
+    """The image projector layer-normalises each pooled token first: a tower whose features are 50 times larger (or
+    shifted by a constant) gives the same image tokens; different features give different tokens."""
+    model = KnowledgeVQA(tiny_lm(), space(), vision_dim=6, order="X").eval()
+    batch = torch.utils.data.default_collate([toy_data()[i] for i in range(3)])
+    with torch.no_grad():
+        tokens = model.segments(batch)["image"]
+        scaled = model.segments({**batch, "patches": 50 * batch["patches"] + 3})["image"]
+        other = model.segments({**batch, "patches": batch["patches"].flip(-1)})["image"]
+    assert torch.allclose(tokens, scaled, atol=1e-3) and not torch.allclose(tokens, other, atol=1e-2)  # eps of the norm: 1e-5
+    assert isinstance(model.image_projector[0], torch.nn.LayerNorm)

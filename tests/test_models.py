@@ -508,3 +508,16 @@ def test_frozen_features_are_cached_per_tower_weights_and_files(tmp_path, monkey
         models.frozen_features(cnn, {"bad": tmp_path / "bad.png"})
     with pytest.raises(DatasetError, match="not found"):
         models.frozen_features(cnn, {"gone": tmp_path / "gone.png"})
+
+
+def test_trainable_lm_trains_adapters_or_every_weight():
+    """'lora' leaves the base weights frozen and adds the preset's adapters; 'full' trains every weight of the LM."""
+    base = tiny_lm().requires_grad_(False)  # as causal_lm_for returns an LM: frozen
+    total = sum(p.numel() for p in base.parameters())
+    full = models.trainable_lm(tiny_lm().requires_grad_(False), "full")
+    assert models.count_parameters(full) == {"total": total, "trainable": total}
+    adapted = models.trainable_lm(tiny_lm().requires_grad_(False), "lora", "biod2c")
+    names = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    with pytest.raises(ValueError, match="lm_tuning"):
+        models.trainable_lm(base, "adapters")
