@@ -357,22 +357,27 @@ def probeable(labels: dict[str, dict[str, str]], min_images: int) -> tuple[dict[
     return usable, too_small
 
 
-def linear_probe(features: np.ndarray, labels: Sequence[str], folds: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Cross-validated accuracy of a logistic regression on frozen features [N, D]; rare classes are left out.
-    `correct` holds each kept image's out-of-fold hit (0/1) in input order (`kept` marks them), for paired comparisons."""
-    from collections import Counter
+def _probe_inputs(features: np.ndarray, labels: Sequence[str]):
+    """Features and labels as arrays, and the probes' classifier (standardised features, logistic regression)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     features, labels = np.asarray(features), np.asarray(labels)
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
+    return features, labels, make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
+
+
+def linear_probe(features: np.ndarray, labels: Sequence[str], folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Cross-validated accuracy of a logistic regression on frozen features [N, D]; rare classes are left out.
+    `correct` holds each kept image's out-of-fold hit (0/1) in input order (`kept` marks them), for paired comparisons."""
+    from collections import Counter
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    features, labels, classifier = _probe_inputs(features, labels)
     counts = Counter(labels.tolist())
     keep = np.array([counts[y] >= folds for y in labels.tolist()])
     if len(set(labels[keep].tolist())) < 2:
         raise ValueError(f"linear_probe needs two classes with at least {folds} images each, got {dict(counts)}")
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
     split = StratifiedKFold(folds, shuffle=True, random_state=seed)
     x, y = features[keep], labels[keep]
     correct = (cross_val_predict(classifier, x, y, cv=split) == y).astype(float)
@@ -388,12 +393,7 @@ def few_shot_probe(features: np.ndarray, labels: Sequence[str], shots: int = 5, 
     the rest, over `draws` random draws; `hit_rate` is each image's share of correct answers over the draws that tested
     it (`kept` marks the images tested at least once), in input order: the same images for every encoder, for pairing."""
     from collections import Counter
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    features, labels = np.asarray(features), np.asarray(labels)
-    if len(features) != len(labels):
-        raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
+    features, labels, classifier = _probe_inputs(features, labels)
     classes = sorted(c for c, n in Counter(labels.tolist()).items() if n > shots)
     if len(classes) < 2:
         raise ValueError(f"few_shot_probe needs two classes with more than {shots} images, got {dict(Counter(labels.tolist()))}")
@@ -403,7 +403,7 @@ def few_shot_probe(features: np.ndarray, labels: Sequence[str], shots: int = 5, 
     for _ in range(draws):
         train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in classes])
         test = np.setdiff1d(eligible, train)
-        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5)).fit(features[train], labels[train])
+        classifier.fit(features[train], labels[train])  # refit from scratch on each draw
         hits[test] += classifier.predict(features[test]) == labels[test]
         tested[test] += 1
     kept = tested > 0
