@@ -33,7 +33,8 @@ book: venv
 
 test: venv
 	@$(MAKE) --no-print-directory browser || echo "make test: no Chromium, so the browser tests will be skipped (in CI they fail)" >&2
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	# the real-data tests read MEDVQA_DATA; with ../shared beside the clone (as in CI) they find it without it being set
+	MEDVQA_DATA="$${MEDVQA_DATA:-$(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets))}" $(BIN)/python -m pytest tests -q -p no:cacheprovider
 
 # Debian's headless Chromium for the browser tests (tests/test_reader_browser.py: JupyterLab and the book);
 # .ci/run calls it before `make test`. Without it those tests are skipped locally (an error in CI).
