@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from medvqa.balanced_contrastive import balanced_contrastive_loss
+from medvqa.bamco.balanced_contrastive import balanced_contrastive_loss
 
 
 def straightforward(views, labels, prototypes, temperature=0.07):

@@ -10,8 +10,9 @@ import time
 
 import torch
 
-from medvqa.data import load_split
-from medvqa.models import PrefixLM, apply_lora, load_causal_lm, prompt_answer_tensors
+from medvqa.data.readers import load_split
+from medvqa.models.prefix import PrefixLM, prompt_answer_tensors
+from medvqa.models.lm import apply_lora, load_causal_lm
 
 
 def main() -> None:

@@ -5,6 +5,7 @@
 # %% ../nbs/09_evaluation.ipynb #c003
 from __future__ import annotations
 
+import csv
 import math
 import re
 import warnings
@@ -16,7 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import ANSWER_TYPES, normalize_answer
+from .core import atomic_path, project_root
+from .data.readers import ANSWER_TYPES, normalize_answer
+from .models.towers import minilm_folder, quiet_weight_loading
 
 # %% auto #0
 __all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions',
@@ -24,7 +27,8 @@ __all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'questio
            'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary',
            'effect_verdict', 'detectable_sentence', 'effect_interval', 'effects_lines', 'effects_table',
            'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
-           'QuestionOnlyModel', 'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions']
+           'QuestionOnlyModel', 'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions',
+           'reported_results', 'paper_value']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -351,7 +355,6 @@ def bert_scores(predictions: Sequence[str], references: Sequence[str], model: st
         raise ValueError("bert_scores needs a model: 'minilm' or a bert-score model name (bertscore_model='' leaves BERTScore out "
                          "of text_metrics)")
     if model == "minilm":
-        from medvqa.models import minilm_folder, quiet_weight_loading
         with quiet_weight_loading():  # the packaged MiniLM: no "Loading weights" bar per call
             scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6, lang="en", batch_size=batch_size)
     else:
@@ -464,7 +467,6 @@ PREDICTION_COLUMNS = ("chapter", "variant", "dataset", "qid", "question", "refer
 def write_predictions(path: str | Path, records: Sequence, predictions: Sequence[str], chapter: str, variant: str,
                       append: bool = False) -> Path:
     """Write (or append) one variant's predictions beside their records, atomically."""
-    from medvqa.core import atomic_path
     if len(records) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
     frame = pd.DataFrame([{"chapter": chapter, "variant": variant, "dataset": r.dataset, "qid": r.qid, "question": r.question,
@@ -492,3 +494,21 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         if ref == "":
             raise ValueError(f"{path}, row {row}, field 'reference': empty")
     return frame
+
+# %% ../nbs/09_evaluation.ipynb #n032
+def reported_results(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Rows of papers/reported_results.csv."""
+    path = Path(path or project_root() / "papers" / "reported_results.csv")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows, start=2):
+        if not row.get("value") or not row.get("metric"):
+            raise ValueError(f"{path}, line {i}: empty 'metric' or 'value'")
+    return rows
+
+
+def paper_value(result: dict[str, Any], reported: Sequence[dict[str, str]]) -> str:
+    """The paper's number(s) for one of our results ('' if the paper reports none)."""
+    hits = [r for r in reported if r["paper"] == result["paper"] and r["dataset"] == result["dataset"]
+            and r["metric"] == result["metric"] and (not result.get("paper_model") or r["model"] == result["paper_model"])]
+    return "; ".join(f"{r['value']} ({r['model']}, {r['table']})" for r in hits)

@@ -22,7 +22,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small generated synthetic dataset shared by the data tests."""
-    from medvqa.data import generate_synthetic
+    from medvqa.data.synthetic import generate_synthetic
     return generate_synthetic(tmp_path_factory.mktemp("synthetic") / "ds", n_images=120, seed=3)
 
 
@@ -35,7 +35,7 @@ def pytest_configure(config):
 def smoke_run(tmp_path_factory):
     """Every chapter run once headless in the smoke profile (one seed, two chapters at a time, as `make reproduce`
     runs them): (results folder, runs). Its checkpoints under runs/ are what the browser tests load."""
-    from medvqa import reproduce as rep
+    import medvqa.runner.reproduce as rep
     results = tmp_path_factory.mktemp("smoke-results")
     runs = rep.reproduce("smoke", overrides={"seeds": 1}, results_dir=results, timeout=900, jobs=2)
     return results, runs

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvqa.balanced_contrastive import (KnowledgeSpace, alignment_loss, balanced_contrastive_loss, bamco_loss,
-                                         logit_adjusted_cross_entropy, top1_matching)
+from medvqa.bamco.balanced_contrastive import KnowledgeSpace, alignment_loss, balanced_contrastive_loss, bamco_loss, logit_adjusted_cross_entropy, top1_matching
 
 
 def reference_loop(views, labels, prototypes, temperature, class_average=True, per_anchor=False):
@@ -142,7 +141,7 @@ def _config(classes=("liver", "lung")):
 
 
 def test_knowledge_spaces_round_trip(tmp_path):
-    from medvqa.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
+    from medvqa.bamco.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
     torch.manual_seed(0)
     spaces = {"BaMCo": KnowledgeSpace(6, 5, 2, 4).eval(), "alignment": KnowledgeSpace(6, 5, 2, 4).eval()}
     path = save_knowledge_spaces(tmp_path / "k.pt", spaces, _config(), {"w": torch.ones(2)})
@@ -157,7 +156,7 @@ def test_knowledge_spaces_round_trip(tmp_path):
 
 
 def test_shared_space_is_the_encoders_own_and_survives_a_round_trip(tmp_path):
-    from medvqa.balanced_contrastive import encoders_share_space, load_knowledge_spaces, save_knowledge_spaces
+    from medvqa.bamco.balanced_contrastive import encoders_share_space, load_knowledge_spaces, save_knowledge_spaces
     assert encoders_share_space("biomedclip", "biomedclip-text")  # BiomedCLIP's two towers
     assert not encoders_share_space("small-cnn-ssl", "minilm") and not encoders_share_space("biomedclip", "minilm")
     torch.manual_seed(0)
@@ -175,7 +174,7 @@ def test_shared_space_is_the_encoders_own_and_survives_a_round_trip(tmp_path):
 
 
 def test_knowledge_space_errors_name_file_and_fix(tmp_path):
-    from medvqa.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
+    from medvqa.bamco.balanced_contrastive import load_knowledge_spaces, save_knowledge_spaces
     from medvqa.core import save_checkpoint
     with pytest.raises(FileNotFoundError, match="run chapter 04 first"):
         load_knowledge_spaces(tmp_path / "missing.pt")
@@ -187,7 +186,7 @@ def test_knowledge_space_errors_name_file_and_fix(tmp_path):
 
 
 def test_fig4_hit_rule_counts_only_the_rows_own_class():
-    from medvqa.balanced_contrastive import own_class_hits
+    from medvqa.bamco.balanced_contrastive import own_class_hits
     # query 0: an image of classes {1 (lung), 4 (pneumonia)} matched to 1; query 1: an image of {2} matched to 3
     rows = own_class_hits([1, 3], [{4, 1}, {2}])
     assert rows == [(0, 1, True), (0, 4, False), (1, 2, False)]
@@ -199,7 +198,7 @@ def test_fig4_hit_rule_counts_only_the_rows_own_class():
 
 
 def test_released_text_mix_has_the_released_shares():
-    from medvqa.balanced_contrastive import draw_text
+    from medvqa.bamco.balanced_contrastive import draw_text
     torch.manual_seed(0)
     n, draws = 8, 20_000  # name, six relations, definition
     picks = torch.tensor([draw_text(n, "released") for _ in range(draws)])
@@ -215,7 +214,7 @@ def test_released_text_mix_has_the_released_shares():
 
 
 def test_repeat_reference_fills_the_volume_with_the_reference_image():
-    from medvqa.balanced_contrastive import KnowledgePairs
+    from medvqa.bamco.balanced_contrastive import KnowledgePairs
     small = {i: torch.full((3, 4, 4), float(k)) for k, i in enumerate("abc")}
     args = ([("a", 0)], {"a": torch.zeros(6)}, {0: torch.zeros(3, 5)}, {0: ["b", "c"]}, small, 5)
     torch.manual_seed(0)
@@ -228,7 +227,7 @@ def test_repeat_reference_fills_the_volume_with_the_reference_image():
 
 
 def test_cosine_classifier_starts_with_unit_columns():
-    from medvqa.balanced_contrastive import CosineClassifier
+    from medvqa.bamco.balanced_contrastive import CosineClassifier
     torch.manual_seed(0)
     w = CosineClassifier(12, 5).weight
     assert torch.allclose(w.norm(dim=0), torch.ones(5), atol=1e-6)

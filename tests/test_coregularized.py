@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvqa.coregularized import (CompactVocabulary, CoRegConfig, CoRegularizedModel, PretrainWeights, contrastive,
-                                  patchify, pretraining_loss, random_mask)
+from medvqa.cmdpi.coregularized import WordVocabulary, CoRegConfig, CoRegularizedModel, PretrainWeights, contrastive, patchify, pretraining_loss, random_mask
 
 
 def contra_loop(a, b, tau):
@@ -87,7 +86,7 @@ def test_global_and_local_reconstruction_differ_only_in_h():
     model, batch = tiny()
     model.eval()
     h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
-    padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
+    padding = batch["tokens"][:, 1:] == WordVocabulary.PAD
     h_f = model.global_vector(h_i, h_t)
     glob = model.reconstruct(h_f, H_i, H_t, padding)
     loc = model.reconstruct(model.shared_local.expand_as(h_f), H_i, H_t, padding)
@@ -127,12 +126,12 @@ def test_answer_is_read_from_the_ans_slot():
     model, batch = tiny()
     model.eval()
     h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
-    padding = batch["tokens"][:, 1:] == CompactVocabulary.PAD
+    padding = batch["tokens"][:, 1:] == WordVocabulary.PAD
     _, _, _, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, padding)
     v = torch.cat([model.global_vector(h_i, h_t)[:, None], H_i, H_t], 1) + model.rec_pos[:, :1 + 4 + 5]
     pad = torch.cat([torch.zeros(4, 5, dtype=torch.bool), padding], 1)
     out = model.recnet(v, src_key_padding_mask=pad)
-    ans_positions = [1 + 4 + int((row == CompactVocabulary.ANS).nonzero()) for row in batch["tokens"][:, 1:]]
+    ans_positions = [1 + 4 + int((row == WordVocabulary.ANS).nonzero()) for row in batch["tokens"][:, 1:]]
     torch.testing.assert_close(state, out[torch.arange(4), ans_positions])
 
 
@@ -143,8 +142,8 @@ def _jpeg(path, value):
 
 
 def test_roco_reader_both_layouts_and_errors(tmp_path):
-    from medvqa.coregularized import load_roco_captions
-    from medvqa.data import DatasetError
+    from medvqa.cmdpi.coregularized import load_roco_captions
+    from medvqa.data.readers import DatasetError
     radiology = tmp_path / "roco" / "data" / "train" / "radiology"
     (radiology / "captions.txt").parent.mkdir(parents=True)
     (radiology / "captions.txt").write_text("ROCO_00001\tCT of the chest.\n\nROCO_00002\tMRI of the brain.\n")
@@ -173,8 +172,8 @@ def test_roco_reader_both_layouts_and_errors(tmp_path):
 
 
 def test_pmc_vqa_reader(tmp_path):
-    from medvqa.coregularized import load_pmc_vqa
-    from medvqa.data import DatasetError
+    from medvqa.cmdpi.coregularized import load_pmc_vqa
+    from medvqa.data.readers import DatasetError
     root = tmp_path / "pmc-vqa"
     _jpeg(root / "images" / "PMC1_F1.jpg", 50)
     (root / "train.csv").write_text("Figure_path,Question,Answer,Answer_label\n"
@@ -192,13 +191,13 @@ def test_pmc_vqa_reader(tmp_path):
 
 
 def test_pretraining_data_reads_image_files_like_tensors(tmp_path):
-    from medvqa.coregularized import PretrainingData
-    from medvqa.data import load_images
-    from medvqa.data import VQARecord
+    from medvqa.cmdpi.coregularized import PretrainingData
+    from medvqa.data.batches import load_images
+    from medvqa.data.readers import VQARecord
     _jpeg(tmp_path / "x.png", 90)
     record = VQARecord("synthetic", "train", "1", "x", tmp_path / "x.png", "q", "a", "open")
     decoded = load_images([record], 16)
-    vocab = CompactVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
+    vocab = WordVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
     eager = PretrainingData(decoded, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
     lazy = PretrainingData({"x": tmp_path / "x.png"}, {"x": "a caption"}, [], vocab, patch=8, image_size=16)
     assert torch.equal(eager[0]["patches"], lazy[0]["patches"]) and lazy.patches == {}
@@ -206,7 +205,7 @@ def test_pretraining_data_reads_image_files_like_tensors(tmp_path):
 
 def test_trailing_text_padding_changes_nothing():
     """Trimming all-padding columns (trim_text_padding) is a pure speed-up: same answer logits, same pre-training loss."""
-    from medvqa.coregularized import answer_head, trim_text_padding
+    from medvqa.cmdpi.coregularized import answer_head, trim_text_padding
     model, batch = tiny()
     model.eval()
     short = batch["tokens"][:, :4]  # the batch's longest text ends at column 3
@@ -214,7 +213,7 @@ def test_trailing_text_padding_changes_nothing():
     with torch.no_grad():
         full_logits, full_state = answer_head(model, batch["patches"], batch["tokens"])
         h_i, H_i, h_t, H_t = model.encode(batch["patches"], short)
-        pad = short[:, 1:] == CompactVocabulary.PAD
+        pad = short[:, 1:] == WordVocabulary.PAD
         _, _, logits, state = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
     assert torch.allclose(full_logits, logits, atol=1e-5) and torch.allclose(full_state, state, atol=1e-5)
     assert torch.equal(trim_text_padding(torch.zeros(2, 5, dtype=torch.long)), torch.zeros(2, 1, dtype=torch.long))
@@ -222,7 +221,7 @@ def test_trailing_text_padding_changes_nothing():
 
 def test_pool_cells_matches_block_means():
     """Each cell is the mean of its block of the tower's grid, in patchify's row-major order."""
-    from medvqa.coregularized import pool_cells
+    from medvqa.cmdpi.coregularized import pool_cells
     grid = torch.randn(2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
     cells = pool_cells(grid, 2)
     assert cells.shape == (2, 4, 3)
@@ -236,7 +235,7 @@ def test_pool_cells_matches_block_means():
 def test_model_on_feature_cells_reads_cells_and_rebuilds_pixels():
     """With cell_dim set, the image encoder reads batch['cells'] (LayerNorm + linear) and L_img still compares the rebuilt
     patches with the pixels: changing the pixels moves only the reconstruction terms, changing the cells moves h_I."""
-    from medvqa.coregularized import answer_head, image_input
+    from medvqa.cmdpi.coregularized import answer_head, image_input
     torch.manual_seed(0)
     cfg = CoRegConfig(vocab_size=12, n_answers=3, image_size=16, patch=8, dim=8, encoder_layers=1, recnet_layers=1, heads=2,
                       text_length=6, cell_dim=5)
@@ -265,9 +264,10 @@ def test_model_on_feature_cells_reads_cells_and_rebuilds_pixels():
 
 def test_tower_cells_pool_the_towers_grid_and_name_a_broken_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))  # frozen_features keeps its cache there
-    from medvqa.coregularized import PretrainingData, pool_cells, tower_cells
-    from medvqa.data import DatasetError, image_transform
-    from medvqa.models import SmallCNN
+    from medvqa.cmdpi.coregularized import PretrainingData, pool_cells, tower_cells
+    from medvqa.data.readers import DatasetError
+    from medvqa.data.batches import image_transform
+    from medvqa.models.towers import SmallCNN
     from PIL import Image
     torch.manual_seed(0)
     tower = SmallCNN(image_size=32).eval()  # a 4x4 grid of 128-d features at 32 px
@@ -282,7 +282,7 @@ def test_tower_cells_pool_the_towers_grid_and_name_a_broken_file(tmp_path, monke
     (tmp_path / "c.png").write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="c.png.*record c.*'image'"):
         tower_cells(tower, {"c": tmp_path / "c.png"}, side=2)
-    vocab = CompactVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
+    vocab = WordVocabulary(["a caption"], tokenizer=type("T", (), {"__call__": lambda self, t, add_special_tokens=False: {"input_ids": [1, 2]}})(), max_length=6)
     images = {"a": torch.zeros(3, 16, 16), "b": torch.ones(3, 16, 16)}
     data = PretrainingData(images, {"a": "a caption", "b": "a caption"}, [], vocab, patch=8, image_size=16, cells=cells)
     assert torch.equal(data[1]["cells"], cells["b"]) and data[1]["patches"].shape == (4, 192)

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from medvqa import data
-from medvqa.data import DatasetError, load_split, normalize_answer
+import medvqa.data.batches as data_batches
+import medvqa.data.readers as data_readers
+import medvqa.data.synthetic as data_synthetic
+from medvqa.data.readers import DatasetError, load_split, normalize_answer
 
 
 # ---------------------------------------------------------------- official formats on the shared copies
@@ -30,19 +32,19 @@ def test_official_counts(shared_data, name, split, language, expected):
 
 
 def test_vqa_rad_traps_and_mevf(shared_data):
-    osf = data.load_vqa_rad(split="train", layout="osf")
+    osf = data_readers.load_vqa_rad(split="train", layout="osf")
     by_qid = {r.qid: r for r in osf}
     assert by_qid["0"].question == "Are regions of the brain infarcted?" and by_qid["0"].answer_type == "closed"
     assert len(osf) == 1797 and {r.extra["phrase_type"] for r in osf} == {"freeform", "para"}
     train = load_split("vqa-rad", "train")  # auto: the MEVF files, the 3,064 questions the papers train on
-    assert len(data.load_vqa_rad(split="train", layout="mevf")) == len(train) == 3064
+    assert len(data_readers.load_vqa_rad(split="train", layout="mevf")) == len(train) == 3064
     assert {r.extra["phrase_type"] for r in train} == {"freeform", "para", "frame"}
     for records in (osf, train):
         assert all(isinstance(r.answer, str) for r in records)
         assert sum(r.answer.isdigit() for r in records) >= 5  # integer answers became strings
         assert {r.answer_type for r in records} == {"open", "closed"}  # "CLOSED " was stripped
         assert all(r.image_path.is_file() for r in records)
-    mevf_test, osf_test = (data.load_vqa_rad(split="test", layout=l) for l in ("mevf", "osf"))
+    mevf_test, osf_test = (data_readers.load_vqa_rad(split="test", layout=l) for l in ("mevf", "osf"))
     assert sorted((r.image_id, r.question) for r in mevf_test) == sorted((r.image_id, r.question) for r in osf_test)
     with pytest.raises(ValueError, match="train, test"):
         load_split("vqa-rad", "val")
@@ -67,11 +69,11 @@ def test_pathvqa_missing_images_skip_and_error(shared_data):
 
 
 def test_vqa_rad_overlap_check(shared_data):
-    test, osf = load_split("vqa-rad", "test"), data.load_vqa_rad(split="train", layout="osf")
-    assert len(data.split_overlap(osf, test)) == 1  # one test question repeats a training question on the same image
+    test, osf = load_split("vqa-rad", "test"), data_readers.load_vqa_rad(split="train", layout="osf")
+    assert len(data_readers.split_overlap(osf, test)) == 1  # one test question repeats a training question on the same image
     assert len({r.image_id for r in test} & {r.image_id for r in osf}) == 202
     mevf = load_split("vqa-rad", "train")  # its frame rephrasings coincide with 15 more test questions
-    assert len(data.split_overlap(mevf, test)) == 16 and len({r.image_id for r in test} & {r.image_id for r in mevf}) == 203
+    assert len(data_readers.split_overlap(mevf, test)) == 16 and len({r.image_id for r in test} & {r.image_id for r in mevf}) == 203
 
 
 # ---------------------------------------------------------------- answer normalisation
@@ -101,41 +103,41 @@ ROW = {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "Is it?", "answ
 def test_malformed_json_names_file_and_line(tmp_path):
     root = _slake_like(tmp_path, '[{"qid": 1,\n  "question": }]')
     with pytest.raises(DatasetError, match=r"train.json: malformed JSON at line 2"):
-        data.load_slake(root, "train")
+        data_readers.load_slake(root, "train")
 
 
 def test_missing_field_names_record_and_field(tmp_path):
     row = dict(ROW)
     del row["answer"]
     with pytest.raises(DatasetError, match=r"train.json, record 7, field 'answer'"):
-        data.load_slake(_slake_like(tmp_path, [row]), "train")
+        data_readers.load_slake(_slake_like(tmp_path, [row]), "train")
 
 
 def test_unknown_answer_type(tmp_path):
     with pytest.raises(DatasetError, match=r"record 7, field 'answer_type'.*MAYBE"):
-        data.load_slake(_slake_like(tmp_path, [dict(ROW, answer_type="MAYBE")]), "train")
+        data_readers.load_slake(_slake_like(tmp_path, [dict(ROW, answer_type="MAYBE")]), "train")
 
 
 def test_unknown_split_language_and_empty(tmp_path):
     root = _slake_like(tmp_path, [ROW])
     with pytest.raises(ValueError, match="train, val, test"):
-        data.load_slake(root, "dev")
+        data_readers.load_slake(root, "dev")
     with pytest.raises(ValueError, match="'en', 'zh'"):
-        data.load_slake(root, "train", language="fr")
+        data_readers.load_slake(root, "train", language="fr")
     with pytest.raises(DatasetError, match="no records for split 'train' and language 'zh'"):
-        data.load_slake(root, "train", language="zh")
+        data_readers.load_slake(root, "train", language="zh")
 
 
 def test_missing_image_error_or_counted_skip(tmp_path):
     root = _slake_like(tmp_path, [ROW, dict(ROW, qid=8, img_name="xmlab2/source.jpg")])
     with pytest.raises(DatasetError, match=r"1 records \(1 images\) point to missing image files.*record 8"):
-        data.load_slake(root, "train")
+        data_readers.load_slake(root, "train")
     with pytest.warns(UserWarning, match="skipped 1 of 2 records"):
-        assert [r.qid for r in data.load_slake(root, "train", missing_images="skip")] == ["7"]
-    kept = data.load_slake(root, "train", missing_images="keep")
+        assert [r.qid for r in data_readers.load_slake(root, "train", missing_images="skip")] == ["7"]
+    kept = data_readers.load_slake(root, "train", missing_images="keep")
     assert kept[1].image_path is None
     with pytest.raises(DatasetError, match="record 8, field 'image'"):
-        data.VQADataset(kept)[1]
+        data_batches.VQADataset(kept)[1]
 
 
 def test_truncated_image_is_reported(tmp_path):
@@ -143,11 +145,11 @@ def test_truncated_image_is_reported(tmp_path):
     good = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(good, format="JPEG")
     (root / "imgs" / "xmlab1" / "source.jpg").write_bytes(good.getvalue()[:200])
-    records = data.load_slake(root, "train")
+    records = data_readers.load_slake(root, "train")
     with pytest.raises(DatasetError, match=r"source.jpg, record 7, field 'image': unreadable image"):
-        data.verify_images(records)
+        data_readers.verify_images(records)
     with pytest.raises(DatasetError, match="unreadable image"):
-        data.VQADataset(records)[0]
+        data_batches.VQADataset(records)[0]
 
 
 def test_missing_dataset_folder_says_what_and_where(tmp_path, monkeypatch):
@@ -174,7 +176,7 @@ def _pathvqa_pkl(tmp_path: Path, payload) -> Path:
 def test_pathvqa_pickle_plain_data_loads(tmp_path):
     root = _pathvqa_pkl(tmp_path, [{"image": "train_0001", "question": "Is this a tumor?", "answer": "yes"},
                                    {"image": "train_0001", "question": "What is shown?", "answer": "a cyst"}])
-    records = data.load_pathvqa(root, "train", layout="pkl", missing_images="error")
+    records = data_readers.load_pathvqa(root, "train", layout="pkl", missing_images="error")
     assert [(r.answer, r.answer_type) for r in records] == [("yes", "closed"), ("a cyst", "open")]
 
 
@@ -182,7 +184,7 @@ def test_pathvqa_pickle_with_code_is_refused(tmp_path):
     Path("/tmp/medvqa-pickle-exploit").unlink(missing_ok=True)
     root = _pathvqa_pkl(tmp_path, [{"image": "train_0001", "question": "q", "answer": _Exploit()}])
     with pytest.raises(DatasetError, match=r"train_qa.pkl: not a plain-data pickle.*refusing"):
-        data.load_pathvqa(root, "train", layout="pkl")
+        data_readers.load_pathvqa(root, "train", layout="pkl")
     assert not Path("/tmp/medvqa-pickle-exploit").exists()
 
 
@@ -194,17 +196,17 @@ def test_hf_parquet_export(tmp_path, monkeypatch):
                           "question": ["is there a mass?", "what organ?"], "answer": ["no", "liver"]})
     (tmp_path / "data").mkdir()
     frame.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
-    records = data.load_hf_parquet(tmp_path, "vqa-rad", "test")
+    records = data_readers.load_hf_parquet(tmp_path, "vqa-rad", "test")
     assert [r.answer_type for r in records] == ["closed", "open"]
     assert records[0].image_path == records[1].image_path and records[0].image_path.is_file()
     with pytest.raises(DatasetError, match="no train-"):
-        data.load_hf_parquet(tmp_path, "vqa-rad", "train")
+        data_readers.load_hf_parquet(tmp_path, "vqa-rad", "train")
 
 
 def test_download_offline_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="(?s)flaviagiammarino/vqa-rad.*internet"):
-        data.download("vqa-rad", tmp_path)
+        data_readers.download("vqa-rad", tmp_path)
 
 
 # ---------------------------------------------------------------- the synthetic generator
@@ -214,9 +216,9 @@ def _digest(folder: Path) -> dict:
 
 
 def test_generator_is_deterministic(tmp_path, synthetic_dir):
-    again = data.generate_synthetic(tmp_path / "again", n_images=120, seed=3)
+    again = data_synthetic.generate_synthetic(tmp_path / "again", n_images=120, seed=3)
     assert _digest(again) == _digest(synthetic_dir)
-    other = data.generate_synthetic(tmp_path / "other", n_images=120, seed=4)
+    other = data_synthetic.generate_synthetic(tmp_path / "other", n_images=120, seed=4)
     assert _digest(other) != _digest(synthetic_dir)
 
 
@@ -247,8 +249,8 @@ def _components(codes: np.ndarray, code: int) -> list:
 @pytest.fixture(scope="module")
 def optioned_dir(tmp_path_factory) -> Path:
     """The same generator with every option away from its default."""
-    return data.generate_synthetic(tmp_path_factory.mktemp("optioned") / "ds", n_images=120, seed=3,
-                                   **data.parse_synthetic_options("lesion_scale=0.5,knowledge_questions=1,labelled_fraction=0.3"))
+    return data_synthetic.generate_synthetic(tmp_path_factory.mktemp("optioned") / "ds", n_images=120, seed=3,
+                                   **data_synthetic.parse_synthetic_options("lesion_scale=0.5,knowledge_questions=1,labelled_fraction=0.3"))
 
 
 def _kg_table(folder: Path, name: str) -> dict[tuple[str, str], list[str]]:
@@ -330,8 +332,8 @@ def test_small_lesions_shrink_with_lesion_scale(synthetic_dir, optioned_dir):
 
 
 def test_knowledge_questions_only_add_questions(tmp_path):
-    plain = data.generate_synthetic(tmp_path / "plain", n_images=100, seed=7)
-    extra = data.generate_synthetic(tmp_path / "extra", n_images=100, seed=7, knowledge_questions=True)
+    plain = data_synthetic.generate_synthetic(tmp_path / "plain", n_images=100, seed=7)
+    extra = data_synthetic.generate_synthetic(tmp_path / "extra", n_images=100, seed=7, knowledge_questions=True)
     assert (plain / "captions.json").read_bytes() == (extra / "captions.json").read_bytes()
     for split in ("train", "val", "test"):
         key = lambda r: (r.image_id, r.question, r.answer)
@@ -343,8 +345,8 @@ def test_knowledge_questions_only_add_questions(tmp_path):
 
 
 def test_labelled_fraction_keeps_captions_and_held_out_splits(tmp_path):
-    plain = data.generate_synthetic(tmp_path / "plain", n_images=200, seed=2)
-    few = data.generate_synthetic(tmp_path / "few", n_images=200, seed=2, labelled_fraction=0.25)
+    plain = data_synthetic.generate_synthetic(tmp_path / "plain", n_images=200, seed=2)
+    few = data_synthetic.generate_synthetic(tmp_path / "few", n_images=200, seed=2, labelled_fraction=0.25)
     for name in ("validate.json", "test.json", "captions.json", "scenes.json"):  # only training questions go
         assert (plain / name).read_bytes() == (few / name).read_bytes(), name
     scenes = json.loads((plain / "scenes.json").read_text())
@@ -354,26 +356,26 @@ def test_labelled_fraction_keeps_captions_and_held_out_splits(tmp_path):
     assert groups_few < groups_plain and len(groups_few) == round(0.25 * len(groups_plain))
     kept = {(r.image_id, r.question, r.answer) for r in load_split("synthetic", "train", root=plain) if group[r.image_id] in groups_few}
     assert {(r.image_id, r.question, r.answer) for r in load_split("synthetic", "train", root=few)} == kept
-    unlabelled = data.unlabelled_training_images(few)  # the rest of the training images, listed with their files
+    unlabelled = data_synthetic.unlabelled_training_images(few)  # the rest of the training images, listed with their files
     train_plain = {r.image_id for r in load_split("synthetic", "train", root=plain)}
     assert set(unlabelled) == train_plain - {r.image_id for r in load_split("synthetic", "train", root=few)}
-    assert all(path.is_file() for path in unlabelled.values()) and data.unlabelled_training_images(plain) == {}
+    assert all(path.is_file() for path in unlabelled.values()) and data_synthetic.unlabelled_training_images(plain) == {}
 
 
 def test_synthetic_options_parse_and_name_their_folder():
-    assert data.parse_synthetic_options("") == {}
-    assert data.parse_synthetic_options(" twin_rate=0.15 , lesion_scale=0.5,knowledge_questions=1") == {
+    assert data_synthetic.parse_synthetic_options("") == {}
+    assert data_synthetic.parse_synthetic_options(" twin_rate=0.15 , lesion_scale=0.5,knowledge_questions=1") == {
         "knowledge_questions": 1, "lesion_scale": 0.5}  # defaults dropped, sorted
-    assert data.synthetic_name(480, 0, "") == "synthetic-n480-seed0"
-    assert data.synthetic_name(480, 0, "labelled_fraction=0.25,lesion_scale=0.5") == "synthetic-n480-seed0-labelled_fraction0.25-lesion_scale0.5"
+    assert data_synthetic.synthetic_name(480, 0, "") == "synthetic-n480-seed0"
+    assert data_synthetic.synthetic_name(480, 0, "labelled_fraction=0.25,lesion_scale=0.5") == "synthetic-n480-seed0-labelled_fraction0.25-lesion_scale0.5"
     with pytest.raises(ValueError, match="key=value with a key among"):
-        data.parse_synthetic_options("lesion=0.5")
+        data_synthetic.parse_synthetic_options("lesion=0.5")
     with pytest.raises(ValueError, match="lesion_scale='big' is not a float"):
-        data.parse_synthetic_options("lesion_scale=big")
+        data_synthetic.parse_synthetic_options("lesion_scale=big")
     with pytest.raises(ValueError, match=r"labelled_fraction=0\.0 is outside"):
-        data.parse_synthetic_options("labelled_fraction=0")
+        data_synthetic.parse_synthetic_options("labelled_fraction=0")
     with pytest.raises(ValueError, match="knowledge_questions='0.5' is not an int"):
-        data.parse_synthetic_options("knowledge_questions=0.5")
+        data_synthetic.parse_synthetic_options("knowledge_questions=0.5")
 
 
 def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):
@@ -383,7 +385,7 @@ def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):
     seen = 0
     for scene in scenes:
         for finding in {l["finding"] for l in scene["lesions"]}:
-            shape, grey = data.FINDINGS[finding][2], data.FINDINGS[finding][3]
+            shape, grey = data_synthetic.FINDINGS[finding][2], data_synthetic.FINDINGS[finding][3]
             if shape not in ("disk", "square", "triangle", "diamond"):
                 continue
             folder = synthetic_dir / "imgs" / f"synth{scene['image_id']}"
@@ -396,15 +398,15 @@ def test_filled_lesions_have_their_finding_grey_level(synthetic_dir):
 
 
 def test_synthetic_findings_are_long_tailed(tmp_path):
-    folder = data.generate_synthetic(tmp_path / "s", n_images=400, seed=0)
+    folder = data_synthetic.generate_synthetic(tmp_path / "s", n_images=400, seed=0)
     scenes = json.loads((folder / "scenes.json").read_text())
     counts = pd.Series([s["lesions"][0]["finding"] for s in scenes if s["lesions"] and not s.get("balanced")]).value_counts()
     assert counts.iloc[0] >= 8 * counts.iloc[-1] and len(counts) >= 8
 
 
 def test_balanced_validation_images_change_nothing_else(tmp_path):
-    plain = data.generate_synthetic(tmp_path / "plain", n_images=120, seed=5, balanced_validation=0)
-    extra = data.generate_synthetic(tmp_path / "extra", n_images=120, seed=5, balanced_validation=200)
+    plain = data_synthetic.generate_synthetic(tmp_path / "plain", n_images=120, seed=5, balanced_validation=0)
+    extra = data_synthetic.generate_synthetic(tmp_path / "extra", n_images=120, seed=5, balanced_validation=200)
     for split in ("train", "test"):  # byte-identical train and test splits
         assert (plain / f"{split}.json").read_bytes() == (extra / f"{split}.json").read_bytes()
     scenes = json.loads((extra / "scenes.json").read_text())
@@ -415,18 +417,18 @@ def test_balanced_validation_images_change_nothing_else(tmp_path):
     assert not val_ids & {r.image_id for r in load_split("synthetic", "train", root=extra)}
     # balanced: every finding type on exactly 20 images (the training findings span a 40x range)
     counts = pd.Series([s["lesions"][0]["finding"] for s in balanced]).value_counts()
-    assert set(counts.index) == set(data.FINDINGS) and set(counts) == {20}, counts.to_dict()
+    assert set(counts.index) == set(data_synthetic.FINDINGS) and set(counts) == {20}, counts.to_dict()
     assert all({l["finding"] for l in s["lesions"]} == {s["lesions"][0]["finding"]} for s in balanced)
     with pytest.raises(ValueError, match="balanced_validation"):
-        data.generate_synthetic(tmp_path / "bad", n_images=10, balanced_validation=-1)
+        data_synthetic.generate_synthetic(tmp_path / "bad", n_images=10, balanced_validation=-1)
 
 
 # ---------------------------------------------------------------- torch dataset
 def test_dataset_and_collate(synthetic_dir):
     records = load_split("synthetic", "train", root=synthetic_dir)
-    vocab = data.answer_vocabulary(records)
-    ds = data.VQADataset(records, vocab[:5], image_size=32, cache_images=True)
-    batch = data.collate_vqa([ds[i] for i in range(6)])
+    vocab = data_batches.answer_vocabulary(records)
+    ds = data_batches.VQADataset(records, vocab[:5], image_size=32, cache_images=True)
+    batch = data_batches.collate_vqa([ds[i] for i in range(6)])
     assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert batch["label"].shape == (6,)
     for i in range(6):
@@ -434,39 +436,39 @@ def test_dataset_and_collate(synthetic_dir):
         assert batch["label"][i].item() == expected
     assert ds[0]["image"] is ds.cache[records[0].image_path]
     with pytest.raises(ValueError, match="no records"):
-        data.VQADataset([])
+        data_batches.VQADataset([])
 
 
 def test_answer_vocabulary_order():
-    recs = [data.VQARecord("x", "train", str(i), "1", None, "q", a, "open") for i, a in enumerate(["b", "a", "B", "c", "a"])]
-    assert data.answer_vocabulary(recs) == ["a", "b", "c"]
-    assert data.answer_vocabulary(recs, min_count=2) == ["a", "b"]
+    recs = [data_readers.VQARecord("x", "train", str(i), "1", None, "q", a, "open") for i, a in enumerate(["b", "a", "B", "c", "a"])]
+    assert data_batches.answer_vocabulary(recs) == ["a", "b", "c"]
+    assert data_batches.answer_vocabulary(recs, min_count=2) == ["a", "b"]
 
 
 def test_split_overlap_uses_image_and_normalised_question():
-    mk = lambda qid, img, q: data.VQARecord("x", "test", qid, img, None, q, "yes", "closed")
+    mk = lambda qid, img, q: data_readers.VQARecord("x", "test", qid, img, None, q, "yes", "closed")
     train = [mk("1", "a", "Is there a mass?")]
     test = [mk("2", "a", "is there a MASS"), mk("3", "b", "Is there a mass?")]
-    assert [r.qid for r in data.split_overlap(train, test)] == ["2"]
+    assert [r.qid for r in data_readers.split_overlap(train, test)] == ["2"]
 
 
 def test_fixed_subset_depends_only_on_seed_and_keeps_order():
-    records = [data.VQARecord("toy", "train", str(i), str(i), None, f"q{i}", "a", "open", "") for i in range(50)]
-    a, b = data.fixed_subset(records, 10, seed=3), data.fixed_subset(list(records), 10, seed=3)
+    records = [data_readers.VQARecord("toy", "train", str(i), str(i), None, f"q{i}", "a", "open", "") for i in range(50)]
+    a, b = data_batches.fixed_subset(records, 10, seed=3), data_batches.fixed_subset(list(records), 10, seed=3)
     assert [r.qid for r in a] == [r.qid for r in b] and len(a) == 10
     assert [int(r.qid) for r in a] == sorted(int(r.qid) for r in a)  # original order
-    assert [r.qid for r in data.fixed_subset(records, 10, seed=4)] != [r.qid for r in a]
-    assert data.fixed_subset(records, 0, seed=3) == records and data.fixed_subset(records, 99, seed=3) == records
+    assert [r.qid for r in data_batches.fixed_subset(records, 10, seed=4)] != [r.qid for r in a]
+    assert data_batches.fixed_subset(records, 0, seed=3) == records and data_batches.fixed_subset(records, 99, seed=3) == records
     with pytest.raises(ValueError, match="n must be >= 0"):
-        data.fixed_subset(records, -1, seed=0)
+        data_batches.fixed_subset(records, -1, seed=0)
 
 
 def test_load_images_uses_the_encoders_statistics_and_names_a_broken_file(tmp_path):
     from PIL import Image
     Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "red.png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    red = data.load_image_files({"red": tmp_path / "red.png"}, 8, mean=(0.5, 0.0, 0.0), std=(0.25, 1.0, 1.0))["red"]
+    red = data_batches.load_image_files({"red": tmp_path / "red.png"}, 8, mean=(0.5, 0.0, 0.0), std=(0.25, 1.0, 1.0))["red"]
     assert red.shape == (3, 8, 8)
     assert torch.allclose(red[:, 0, 0], torch.tensor([2.0, 0.0, 0.0]))  # (1 - 0.5) / 0.25, (0 - 0) / 1, ...
     with pytest.raises(DatasetError, match=r"broken.jpg, record img7, field 'image': unreadable image"):
-        data.load_image_files({"img7": tmp_path / "broken.jpg"}, 8)
+        data_batches.load_image_files({"img7": tmp_path / "broken.jpg"}, 8)

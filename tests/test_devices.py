@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lm_helpers import CharTokenizer, tiny_lm
-from medvqa.balanced_contrastive import KnowledgeSpace
-from medvqa.coregularized import CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_hits
-from medvqa.data import VQARecord
-from medvqa.difference_reconstruction import FineTuneData, image_features, predict_answers
-from medvqa.gated_fusion import FusionData, FusionVQA, GatedFusion, cross_attention
-from medvqa.knowledge_vqa import closest_entity
-from medvqa.models import greedy_answers
+from medvqa.bamco.balanced_contrastive import KnowledgeSpace
+from medvqa.cmdpi.coregularized import WordVocabulary, CoRegConfig, CoRegularizedModel, answer_hits
+from medvqa.data.readers import VQARecord
+from medvqa.cmdpi.difference_reconstruction import FineTuneData, image_features, predict_answers
+from medvqa.biod2c.gated_fusion import FusionData, FusionVQA, GatedFusion, cross_attention
+from medvqa.bamco.knowledge_vqa import closest_entity
+from medvqa.models.prefix import greedy_answers
 
 
 def follows_the_model(call) -> bool:
@@ -45,7 +45,7 @@ class Words:
 
 def cmdpi_setup():
     torch.manual_seed(0)
-    vocab = CompactVocabulary([f"question {i}" for i in range(4)], tokenizer=Words(), max_length=6)
+    vocab = WordVocabulary([f"question {i}" for i in range(4)], tokenizer=Words(), max_length=6)
     model = CoRegularizedModel(CoRegConfig(vocab_size=len(vocab), n_answers=2, image_size=16, patch=8, dim=8,
                                            encoder_layers=1, recnet_layers=1, heads=2, text_length=6))
     records = [VQARecord("synthetic", "train", str(i), str(i % 2), None, f"question {i}", "yes" if i % 2 else "no",

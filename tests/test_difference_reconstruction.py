@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvqa.coregularized import CompactVocabulary, CoRegConfig, CoRegularizedModel, answer_loss, unpatchify, patchify
+from medvqa.cmdpi.coregularized import WordVocabulary, CoRegConfig, CoRegularizedModel, answer_loss, unpatchify, patchify
 from medvqa.core import save_checkpoint
-from medvqa.data import VQARecord
-from medvqa.difference_reconstruction import (FineTuneData, FineTuneWeights, LambdaSampler, PartnerSampler,
-                                              deviate, finetune_loss, load_pretrained, mix_heads,
-                                              mixed_targets, mixup_candidates, similar_candidates)
+from medvqa.data.readers import VQARecord
+from medvqa.cmdpi.difference_reconstruction import FineTuneData, FineTuneWeights, LambdaSampler, PartnerSampler, deviate, finetune_loss, load_pretrained, mix_heads, mixed_targets, mixup_candidates, similar_candidates
 
 
 def brute_force_candidates(features, threshold):
@@ -118,7 +116,7 @@ class TinyTokenizer:
 
 def tiny_setup(n=12):
     torch.manual_seed(0)
-    vocab = CompactVocabulary([f"question {i}" for i in range(n)], tokenizer=TinyTokenizer(), max_length=6)
+    vocab = WordVocabulary([f"question {i}" for i in range(n)], tokenizer=TinyTokenizer(), max_length=6)
     cfg = CoRegConfig(vocab_size=len(vocab), n_answers=3, image_size=16, patch=8, dim=16, encoder_layers=1,
                       recnet_layers=1, heads=2, text_length=6)
     answers = ["yes", "no", "2"]
@@ -194,9 +192,9 @@ def test_difference_loss_reconstructs_the_current_image():
         _, parts = finetune_loss(model, batch, FineTuneWeights(mixup=False))
         h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
         text = batch["tokens"][:, 1:]
-        pad = text == CompactVocabulary.PAD
+        pad = text == WordVocabulary.PAD
         out_i, out_t, _, _ = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
-        real = ~pad & (text != CompactVocabulary.ANS)
+        real = ~pad & (text != WordVocabulary.ANS)
         expected = F.mse_loss(out_i, batch["patches"]) + F.cross_entropy(out_t[real], text[real])
     assert math.isclose(parts["diff"], expected.item(), rel_tol=1e-5)
 
@@ -239,8 +237,8 @@ def test_unpatchify_inverts_patchify():
 
 def test_blank_image_data_gives_every_question_the_same_image():
     """Chapter 06's blank-image baseline: every record sees the mean image, so answers depend on the question alone."""
-    from medvqa.data import mean_image
-    from medvqa.difference_reconstruction import predict_answers
+    from medvqa.data.batches import mean_image
+    from medvqa.cmdpi.difference_reconstruction import predict_answers
     from dataclasses import replace
     model, vocab, answers, records, images = tiny_setup()
     records = [replace(r, question="question 0") if i < 6 else r for i, r in enumerate(records)]  # one question, six images
@@ -253,12 +251,12 @@ def test_blank_image_data_gives_every_question_the_same_image():
     assert len(predictions) == len(records) == len(normal)
     assert len({predictions[i] for i in same_question}) == 1
     with torch.no_grad():  # while with their own images the six answer logits differ
-        from medvqa.coregularized import answer_head
+        from medvqa.cmdpi.coregularized import answer_head
         own = FineTuneData(records, images, vocab, answers, 8, training=False)
         logits = answer_head(model, own.patches[[own.image_of[i] for i in same_question]], own.tokens[same_question])[0]
     assert not torch.allclose(logits[0], logits[1])
     with torch.no_grad():  # the model reads the image: another image gives other logits for the same question
-        from medvqa.coregularized import answer_head
+        from medvqa.cmdpi.coregularized import answer_head
         a = answer_head(model, data.patches[:1], data.tokens[:1])[0]
         b = answer_head(model, patchify(images["0"][None], 8), data.tokens[:1])[0]
     assert not torch.allclose(a, b)
@@ -267,7 +265,7 @@ def test_blank_image_data_gives_every_question_the_same_image():
 def test_feature_cells_follow_the_same_partners_and_are_what_the_encoder_reads():
     """With a frozen tower's cells, each sample's cells, partner cells and mixup cells belong to the same images as its
     patches; without L_diff the pixels are never read, and predictions use the cells."""
-    from medvqa.difference_reconstruction import predict_answers
+    from medvqa.cmdpi.difference_reconstruction import predict_answers
     _, vocab, answers, records, images = tiny_setup()
     cells = {i: torch.randn(4, 5, generator=torch.Generator().manual_seed(int(i))) for i in images}
     torch.manual_seed(0)
@@ -292,7 +290,7 @@ def test_feature_cells_follow_the_same_partners_and_are_what_the_encoder_reads()
         torch.manual_seed(2)
         moved, _ = finetune_loss(model, {**batch, "cells": batch["cells"] + torch.randn(batch["cells"].shape)}, FineTuneWeights(difference=False))
         assert not torch.allclose(loss, moved)
-        from medvqa.coregularized import answer_head
+        from medvqa.cmdpi.coregularized import answer_head
         logits, _ = answer_head(model, torch.stack([cells[r.image_id] for r in records]), data.tokens)
     assert predict_answers(model, data, answers) == [answers[k] for k in logits.argmax(1).tolist()]
     with pytest.raises(ValueError, match="no feature cells for images"):

@@ -5,10 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medvqa.data import VQARecord
-from medvqa.evaluation import (SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, detectable_sentence,
-                               effect_verdict, effects_table, question_kind, read_predictions, rouge1, score_answer, score_predictions,
-                               score_records, text_metrics, write_predictions)
+from medvqa.data.readers import VQARecord
+from medvqa.evaluation import SCORING_MODES, accuracy_table, bert_scores, bleu1, bootstrap_interval, detectable_sentence, effect_verdict, effects_table, question_kind, read_predictions, rouge1, score_answer, score_predictions, score_records, text_metrics, write_predictions
 
 CASES = [  # prediction, reference, answer type, expected strict / bamco / llava-med
     ("Yes", "yes", "closed", (1, 1, 1)),
@@ -141,8 +139,8 @@ def test_accuracy_table_matches_score_predictions():
 def test_prediction_files_round_trip_and_errors(tmp_path):
     recs = [VQARecord("slake", "test", str(i), "0", None, f"q{i}", a, t, "Organ")
             for i, (a, t) in enumerate([("Yes", "closed"), ("left lung", "open")])]
-    path = write_predictions(tmp_path / "p.csv", recs, ["yes", ""], "07_gated_fusion", "BioD2C")
-    write_predictions(path, recs, ["no", "lung"], "07_gated_fusion", "w/o fusion", append=True)
+    path = write_predictions(tmp_path / "p.csv", recs, ["yes", ""], "07_biod2c.gated_fusion", "BioD2C")
+    write_predictions(path, recs, ["no", "lung"], "07_biod2c.gated_fusion", "w/o fusion", append=True)
     frame = read_predictions(path)
     assert len(frame) == 4 and frame.prediction.tolist() == ["yes", "", "no", "lung"]  # empty stays empty, not NaN
     assert frame.variant.tolist() == ["BioD2C", "BioD2C", "w/o fusion", "w/o fusion"]
@@ -324,7 +322,7 @@ def test_image_use_report_on_hand_made_predictions():
 def test_blank_image_evaluation_separates_a_model_that_looks_from_one_that_does_not():
     """The blank-image baseline: a model reading the image changes its answers, a question-only model does not."""
     import torch
-    from medvqa.data import mean_image
+    from medvqa.data.batches import mean_image
     images = {"dark": torch.full((3, 4, 4), -1.0), "bright": torch.full((3, 4, 4), 1.0)}
     blank = mean_image(images.values())
     looks = lambda x: "bright" if float(x.mean()) > 0.5 else "dark"
@@ -349,7 +347,7 @@ def test_ablation_regime_reads_the_variants_against_the_question_only_baseline()
 
 
 def test_question_only_chooses_its_ngrams_on_held_out_training_images():
-    from medvqa.data import VQARecord
+    from medvqa.data.readers import VQARecord
     from medvqa.evaluation import fit_question_only
     # the same words in another order: only 2-grams tell the answers apart
     rows = [("Is the left side bright?", "liver"), ("Is the bright side left?", "lung")] * 20

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_helpers import CharTokenizer, char_ids, tiny_lm
-from medvqa.gated_fusion import (FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss,
-                                 mfe_token_count, multi_scale_features, queue_distribution, queue_texts, semantic_queue,
-                                 sequence_similarity, text_queue_kl)
+from medvqa.biod2c.gated_fusion import FusionData, FusionVQA, GatedFusion, block_bounds, cross_attention, fusion_loss, mfe_token_count, multi_scale_features, queue_distribution, queue_texts, semantic_queue, sequence_similarity, text_queue_kl
 
 
 @pytest.mark.parametrize("scales, m", [(1, 1), (2, 5), (3, 21), (6, 1365)])
@@ -234,7 +232,7 @@ def test_fusion_loss_weights_and_training_step():
         both, parts = fusion_loss(model, batch, 2.0)
     assert "sem" not in parts0 and math.isclose(parts0["nll"], parts["nll"], rel_tol=1e-6)
     assert torch.allclose(both, torch.tensor(parts["nll"] + 2.0 * parts["sem"]), atol=1e-5)
-    from medvqa.models import apply_lora
+    from medvqa.models.lm import apply_lora
     model.lm = apply_lora(lm, "biod2c")  # stage 2: LoRA adapters + the fusion module; the base LM stays frozen
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
@@ -295,7 +293,7 @@ def test_fusion_decoder_ends_in_a_layer_norm():
 
 
 def test_released_semantic_loss_is_kl_of_text_to_ungated_image_on_raw_embeddings():
-    from medvqa.gated_fusion import released_semantic_loss
+    from medvqa.biod2c.gated_fusion import released_semantic_loss
     lm, data = tiny_lm(), tiny_data()
     fusion = GatedFusion(vision_dim=6, width=16, visual_side=2, scales=2, layers=1, heads=2, dim=8)
     model = FusionVQA(lm, fusion).eval()

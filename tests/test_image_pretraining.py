@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvqa.data import VQARecord
-from medvqa.image_pretraining import (PretrainSettings, encoder_cache_file, encoder_key, linear_probe, nt_xent_loss,
-                                      pretrained_encoder, pretrained_encoder_from_images, probe_labels, probeable, read_encoder_file,
-                                      ssl_views)
-from medvqa.models import SmallCNN, build_image_encoder, load_image_encoder, model_spec
+from medvqa.data.readers import VQARecord
+from medvqa.models.pretraining import PretrainSettings, encoder_cache_file, encoder_key, linear_probe, nt_xent_loss, simclr_cnn_for_dataset, simclr_cnn_from_images, probe_labels, probeable, read_encoder_file, ssl_views
+from medvqa.models.towers import SmallCNN
+from medvqa.models.zoo import build_image_encoder, load_image_encoder
+from medvqa.models.registry import model_spec
 
 TINY = PretrainSettings(width=4, epochs=1, batch_size=4, projection_dim=8)
 
@@ -76,8 +76,8 @@ def toy_images(n=8, size=16, seed=0):
 def test_cache_trains_once_then_loads_the_same_weights(temp_cache):
     images = toy_images()
     key = encoder_key("toy", 16, list(images), TINY)
-    first, info1 = pretrained_encoder_from_images(images, key, TINY, progress=False)
-    second, info2 = pretrained_encoder_from_images(images, key, TINY, progress=False)
+    first, info1 = simclr_cnn_from_images(images, key, TINY, progress=False)
+    second, info2 = simclr_cnn_from_images(images, key, TINY, progress=False)
     assert (info1["status"], info2["status"]) == ("trained", "loaded")
     assert info1["path"] == info2["path"] == str(encoder_cache_file(key))
     assert str(temp_cache) in info1["path"]
@@ -94,8 +94,8 @@ def test_cache_is_deterministic_and_learns(temp_cache):
     images = toy_images(12)
     settings = PretrainSettings(width=4, epochs=3, batch_size=6, projection_dim=8)
     key = encoder_key("toy", 16, list(images), settings)
-    a, info = pretrained_encoder_from_images(images, key, settings, progress=False)
-    b, _ = pretrained_encoder_from_images(images, key, settings, retrain=True, progress=False)
+    a, info = simclr_cnn_from_images(images, key, settings, progress=False)
+    b, _ = simclr_cnn_from_images(images, key, settings, retrain=True, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))  # same seed, same weights
     random = SmallCNN(16, 4)
     assert not torch.equal(random.body[0][0].weight, a.body[0][0].weight)
@@ -105,14 +105,14 @@ def test_cache_is_deterministic_and_learns(temp_cache):
 def test_other_settings_or_data_are_named_and_retrained(temp_cache):
     images = toy_images()
     key = encoder_key("toy", 16, list(images), TINY)
-    pretrained_encoder_from_images(images, key, TINY, progress=False)
+    simclr_cnn_from_images(images, key, TINY, progress=False)
     other = PretrainSettings(width=4, epochs=2, batch_size=4, projection_dim=8)
     with pytest.warns(UserWarning, match=r"other settings \(epochs: 1 -> 2\)"):
-        _, info = pretrained_encoder_from_images(images, encoder_key("toy", 16, list(images), other), other, progress=False)
+        _, info = simclr_cnn_from_images(images, encoder_key("toy", 16, list(images), other), other, progress=False)
     assert info["status"] == "trained"
     fewer = dict(list(images.items())[:6])  # other training images, same file name
     with pytest.warns(UserWarning, match="image_ids_sha1"):
-        _, info = pretrained_encoder_from_images(fewer, encoder_key("toy", 16, list(fewer), other), other, progress=False)
+        _, info = simclr_cnn_from_images(fewer, encoder_key("toy", 16, list(fewer), other), other, progress=False)
     assert info["status"] == "trained"
     _, saved = read_encoder_file(info["path"])
     assert saved["images"] == 6
@@ -125,8 +125,8 @@ def test_corrupt_cache_file_is_an_error_naming_it(temp_cache):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x00garbage")
     with pytest.raises(RuntimeError, match=str(path).replace(".", r"\.")):
-        pretrained_encoder_from_images(images, key, TINY, progress=False)
-    _, info = pretrained_encoder_from_images(images, key, TINY, retrain=True, progress=False)  # the way out it names
+        simclr_cnn_from_images(images, key, TINY, progress=False)
+    _, info = simclr_cnn_from_images(images, key, TINY, retrain=True, progress=False)  # the way out it names
     assert info["status"] == "trained"
 
 
@@ -135,11 +135,11 @@ def test_registry_builds_and_loads_the_pretrained_encoder(temp_cache):
     assert isinstance(build_image_encoder("small-cnn-ssl", 32), SmallCNN)
     with pytest.raises(ValueError, match="pass dataset="):
         load_image_encoder("small-cnn-ssl", image_size=32)
-    encoder, info = pretrained_encoder("synthetic", 32, seed=3, synthetic_images=120,
+    encoder, info = simclr_cnn_for_dataset("synthetic", 32, seed=3, synthetic_images=120,
                                        settings=PretrainSettings(width=4, epochs=1, batch_size=16, projection_dim=8, seed=3),
                                        progress=False)
     assert info["status"] == "trained" and info["key"]["data"] == "synthetic-n120-seed3"
-    from medvqa.data import load_split
+    from medvqa.data.readers import load_split
     train_ids = {r.image_id for r in load_split("synthetic", "train", synthetic_images=120, seed=3)}
     assert info["key"]["images"] == len(train_ids)  # training images only, never validation or test images
     assert encoder.name == "small-cnn-ssl" and encoder(torch.rand(1, 3, 32, 32)).patches.shape == (1, 4, 4, 16)
@@ -181,8 +181,8 @@ def test_linear_probe_separates_what_is_separable():
 
 
 def test_training_images_come_from_the_training_split_only(temp_cache):
-    from medvqa.data import load_split
-    from medvqa.image_pretraining import training_images
+    from medvqa.data.readers import load_split
+    from medvqa.models.pretraining import training_images
     images, data = training_images("synthetic", 16, seed=3, synthetic_images=40)
     ids = lambda split: {r.image_id for r in load_split("synthetic", split, synthetic_images=40, seed=3)}
     test_only = (ids("test") | ids("validation")) - ids("train")
@@ -206,10 +206,10 @@ def test_linear_probe_per_image_hits_pair_encoders_on_the_same_images():
 def test_adapted_imagenet_tower_trains_only_its_last_stages_and_is_cached(temp_cache):
     """effnet-lite0-ssl: SimCLR continued from the ImageNet weights. The stem and the first four stages keep ImageNet's
     weights, every batch-norm layer its statistics; the key names the base file's hash; a second call loads the file."""
-    from medvqa.image_pretraining import ADAPTED_NAME, AdaptSettings, adapted_encoder
-    from medvqa.models import EFFNET_LITE0_SHA256, EfficientNetLite0Encoder
+    from medvqa.models.pretraining import ADAPTED_NAME, AdaptSettings, adapted_tower_for_dataset
+    from medvqa.models.effnet import EFFNET_LITE0_SHA256, EfficientNetLite0Encoder
     settings = AdaptSettings(epochs=1, batch_size=8, lr=1e-3, train_size=64, seed=2)
-    tower, info = adapted_encoder("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
+    tower, info = adapted_tower_for_dataset("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
     assert info["status"] == "trained" and info["key"]["encoder"] == ADAPTED_NAME
     assert info["key"]["base_sha256"] == EFFNET_LITE0_SHA256 and info["key"]["image_size"] == 64
     imagenet = EfficientNetLite0Encoder().state_dict()
@@ -220,16 +220,16 @@ def test_adapted_imagenet_tower_trains_only_its_last_stages_and_is_cached(temp_c
     assert not any("running_" in k or "num_batches" in k for k in moved)
     assert tower.image_size == 224 and not any(p.requires_grad for p in tower.parameters())
     assert tower(torch.rand(1, 3, 224, 224)).patches.shape == (1, 14, 14, 432)
-    again, second = adapted_encoder("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
+    again, second = adapted_tower_for_dataset("synthetic", seed=2, synthetic_images=40, settings=settings, progress=False)
     assert second["status"] == "loaded" and again.name == ADAPTED_NAME
     assert torch.equal(again.state_dict()["net.blocks.5.0.conv_pw.weight"], tower.state_dict()["net.blocks.5.0.conv_pw.weight"])
     with pytest.raises(ValueError, match="train_size is 64"):
-        from medvqa.image_pretraining import adapt_tower
-        adapt_tower([torch.rand(3, 32, 32)] * 2, settings)
+        from medvqa.models.pretraining import train_adapted_tower
+        train_adapted_tower([torch.rand(3, 32, 32)] * 2, settings)
 
 
 def test_few_shot_probe_is_a_per_image_hit_rate_that_tells_features_apart():
-    from medvqa.image_pretraining import few_shot_probe
+    from medvqa.models.pretraining import few_shot_probe
     rng = np.random.default_rng(0)
     labels = ["a"] * 30 + ["b"] * 30 + ["c"] * 4  # class c has too few images for 5 shots: never tested
     informative = np.vstack([rng.normal(0, 1, (30, 8)) + 3, rng.normal(0, 1, (30, 8)) - 3, rng.normal(0, 1, (4, 8))])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medvqa import knowledge as K
-from medvqa.data import VQARecord, load_split
+import medvqa.bamco.knowledge as K
+from medvqa.data.readers import VQARecord, load_split
 
 
 def rec(question, answer, kind, image="img1", qtype=None, qid="1"):

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from lm_helpers import CharTokenizer, char_ids, tiny_lm
-from medvqa.balanced_contrastive import KnowledgeSpace
-from medvqa.knowledge_vqa import (KnowledgeVQA, KnowledgeVQAData, closest_entity, draw_intra_class, knowledge_vqa_loss,
-                                  parse_prefix_order, pool_patches)
+from medvqa.bamco.balanced_contrastive import KnowledgeSpace
+from medvqa.bamco.knowledge_vqa import KnowledgeVQA, KnowledgeVQAData, closest_entity, draw_intra_class, knowledge_vqa_loss, parse_prefix_order, pool_patches
 
 
 def toy_data(fixed=True, seed=0):
@@ -129,7 +128,7 @@ def test_knowledge_token_depends_on_the_question_and_space_stays_frozen():
 
 
 def test_training_step_lowers_the_loss_and_moves_only_adapters_and_projectors():
-    from medvqa.models import apply_lora
+    from medvqa.models.lm import apply_lora
     data = toy_data()
     model = KnowledgeVQA(apply_lora(tiny_lm(), "bamco"), space(), vision_dim=6)
     batch = torch.utils.data.default_collate([data[i] for i in range(3)])

@@ -30,7 +30,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # how tqdm draws a bar as text
 MAX_PROGRESS_LINES = 3  # per cell of a book page
 # the chapters run from the page: the diagrams, and a method chapter that loads the runs the smoke run left
-LAB_CHAPTERS = {"00b_diagrams": {}, "04_balanced_contrastive": {"seeds": 1}}  # seeds: the one the smoke run trained
+LAB_CHAPTERS = {"00b_diagrams": {}, "04_bamco.balanced_contrastive": {"seeds": 1}}  # seeds: the one the smoke run trained
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on show
 
 pytestmark = pytest.mark.browser
@@ -352,13 +352,13 @@ def test_the_book_opens_page_by_page_with_every_figure(book, browser):
             walls = {cell: n for cell, n in enumerate(bars) if n > MAX_PROGRESS_LINES}
             assert not walls, f"{chapter}: cells with more than {MAX_PROGRESS_LINES} progress lines {{cell: lines}}: {walls}"
             progress_lines[chapter] = max(bars, default=0)
-            if chapter == "04_balanced_contrastive":
+            if chapter == "04_bamco.balanced_contrastive":
                 full_page_shot(page, SHOTS / f"book-{chapter}.png")
             page.go_back()
             page.wait_for_selector("ol li a")
     finally:
         page.close()
-    assert "04_balanced_contrastive" in typeset  # the chapter of the screenshot has equations
+    assert "04_bamco.balanced_contrastive" in typeset  # the chapter of the screenshot has equations
     (SHOTS / "book.json").write_text(json.dumps({"open (s)": timings, "most progress lines in a cell": progress_lines,
                                                  "typeset equations": typeset}, indent=1))
     print(timings, progress_lines, typeset)

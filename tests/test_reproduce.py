@@ -6,7 +6,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from medvqa import reproduce as rep
+from medvqa import evaluation
+import medvqa.runner.book as runner_book
+import medvqa.runner.cli as runner_cli
+import medvqa.runner.index as runner_index
+import medvqa.runner.plan as runner_plan
+import medvqa.runner.reproduce as rep
+import medvqa.runner.results as runner_results
 from medvqa.core import PROFILES, load_profile, project_root
 
 
@@ -31,7 +37,7 @@ def project(tmp_path):
     _chapter(nbs / "01_good.ipynb", WRITE)
     _chapter(nbs / "02_crash.ipynb", "raise ValueError('boom')")
     _chapter(nbs / "03_silent.ipynb", "pass")
-    _chapter(nbs / "90_reproduce.ipynb", "raise RuntimeError('the runner must not run itself')")
+    _chapter(nbs / "90_runner.reproduce.ipynb", "raise RuntimeError('the runner must not run itself')")
     return tmp_path
 
 
@@ -69,10 +75,10 @@ def test_misspelled_override_is_an_error(project):
 
 def test_bad_values_fail_before_any_chapter_runs(tmp_path, capsys):
     # a negative epoch count and text for an int: both named with their value and what is expected, in seconds
-    with pytest.raises(ValueError, match=r"04_balanced_contrastive: knowledge_epochs=-3: expected a value in \[1, 10000\]"):
+    with pytest.raises(ValueError, match=r"04_bamco.balanced_contrastive: knowledge_epochs=-3: expected a value in \[1, 10000\]"):
         rep.reproduce("smoke", chapters=["01", "04"], overrides={"knowledge_epochs": -3}, results_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # chapter 01 did not run either
-    code = rep.main(["reproduce", "--chapters", "04", "-p", "knowledge_epochs", "abc", "--results", str(tmp_path / "o")])
+    code = runner_cli.main(["reproduce", "--chapters", "04", "-p", "knowledge_epochs", "abc", "--results", str(tmp_path / "o")])
     assert code == 2 and "knowledge_epochs='abc' (str): expected int" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"dataset='mimic': expected one of 'synthetic', 'slake'"):
         rep.reproduce("smoke", chapters=["04"], overrides={"dataset": "mimic"}, results_dir=tmp_path / "out")
@@ -82,14 +88,14 @@ def test_check_values_types_ranges_and_choices():
     types = {"n": "int", "lr": "float", "flag": "bool", "name": "str", "any": "None"}
     checks = {"n": {"low": 1, "high": 10, "high_inclusive": True}, "lr": {"low": 0.0, "high": 1.0, "high_inclusive": False},
               "name": {"choices": ("a", "b", "3")}}
-    assert rep.check_values("c", {"n": 10, "lr": 0, "flag": False, "name": 3, "any": [1]}, types, checks) == \
+    assert rep.validate_chapter_values("c", {"n": 10, "lr": 0, "flag": False, "name": 3, "any": [1]}, types, checks) == \
         {"n": 10, "lr": 0, "flag": False, "name": "3", "any": [1]}  # a number given for a str parameter becomes text
     for bad, message in [({"n": 11}, "n=11: expected a value in [1, 10]"), ({"n": 2.5}, "n=2.5 (float): expected int"),
                          ({"n": True}, "n=True (bool): expected int"), ({"lr": 1.0}, "lr=1.0: expected a value in [0.0, 1.0)"),
                          ({"lr": "2e-05"}, "lr='2e-05' (str): expected a number"), ({"flag": "yes"}, "expected bool"),
                          ({"name": "c"}, "name='c': expected one of 'a', 'b', '3'")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            rep.check_values("c", bad, types, checks)
+            rep.validate_chapter_values("c", bad, types, checks)
 
 
 def test_declared_checks_read_literal_calls_only(tmp_path):
@@ -108,7 +114,7 @@ def test_every_profile_passes_every_chapters_checks_and_every_number_has_a_range
     for name in rep.list_chapters():
         path = project_root() / "nbs" / f"{name}.ipynb"
         declared, types, checks = rep.notebook_parameters(path), rep.parameter_types(path), rep.declared_checks(path)
-        rep.check_values(name, rep.chapter_parameters(declared, values_of_profile, {}, Path("m.json")), types, checks)
+        rep.validate_chapter_values(name, rep.chapter_parameters(declared, values_of_profile, {}, Path("m.json")), types, checks)
         unranged = [k for k, t in types.items() if t in ("int", "float") and k != "seed" and k not in checks]
         assert not unranged, f"{name}: numeric parameters without a declared check_range: {unranged}"
 
@@ -125,9 +131,9 @@ def test_check_executed_flags_unknown_injected_names(tmp_path):
 
 def test_chapter_resolution_and_cli_errors(capsys):
     assert rep.resolve_chapters(["data"], ["00_core", "01_data"]) == ["01_data"]
-    assert rep.main(["reproduce", "--chapters", "77"]) == 2
+    assert runner_cli.main(["reproduce", "--chapters", "77"]) == 2
     assert "valid chapters" in capsys.readouterr().err
-    assert rep.main(["reproduce", "--profile", "laptop"]) == 2
+    assert runner_cli.main(["reproduce", "--profile", "laptop"]) == 2
 
 
 def test_every_profile_key_is_a_parameter_of_some_chapter():
@@ -155,10 +161,10 @@ def test_every_chapter_validates_its_profile_parameter():
 
 
 def test_reported_results_table_is_well_formed():
-    rows = rep.reported_results()
+    rows = evaluation.reported_results()
     assert {r["paper"] for r in rows} == {"BaMCo", "CMDPI", "BioD2C"}
     assert all(float(r["value"]) >= 0 for r in rows)
-    assert rep.paper_value({"paper": "BaMCo", "dataset": "slake", "metric": "mean_open_closed_accuracy",
+    assert evaluation.paper_value({"paper": "BaMCo", "dataset": "slake", "metric": "mean_open_closed_accuracy",
                             "paper_model": "BaMCo (Llama 3.2 3B)"}, rows) == "85.8 (BaMCo (Llama 3.2 3B), Table 2)"
 
 
@@ -172,11 +178,11 @@ def test_summary_names_the_scoring_rule_of_a_result(tmp_path):
 
 
 def test_summary_names_the_variant_of_a_result(tmp_path):
-    metrics = {"chapter": "08_knowledge_vqa", "results": [
+    metrics = {"chapter": "08_bamco.knowledge_vqa", "results": [
         {"paper": "baseline", "dataset": "slake", "metric": "open_accuracy", "value": 47.9, "mode": "strict", "variant": "question-only"}]}
-    run = rep.ChapterRun("08_knowledge_vqa", "passed", 1.0, "x.ipynb", metrics=metrics)
+    run = rep.ChapterRun("08_bamco.knowledge_vqa", "passed", 1.0, "x.ipynb", metrics=metrics)
     summary = rep.write_summary([run], tmp_path, "cpu").read_text()
-    assert "| 08_knowledge_vqa | baseline | slake | open_accuracy (strict rule; question-only) | 47.9 | — |" in summary
+    assert "| 08_bamco.knowledge_vqa | baseline | slake | open_accuracy (strict rule; question-only) | 47.9 | — |" in summary
 
 
 def _fake_run(folder, dataset, chapters):
@@ -193,27 +199,27 @@ def _fake_run(folder, dataset, chapters):
 
 
 def test_results_table_and_readme_are_generated_from_runs(tmp_path, capsys):
-    slake = _fake_run(tmp_path / "slake", "slake", [("06_difference_reconstruction", 0.75, 0.55, 0.5),
-                                                    ("08_knowledge_vqa", 0.7, 0.55, 0.6)])
-    rad = _fake_run(tmp_path / "rad", "vqa-rad", [("07_gated_fusion", 0.6, 0.45, 0.4)])
-    table = rep.results_table({"cpu, SLAKE": slake, "cpu, VQA-RAD": rad})
+    slake = _fake_run(tmp_path / "slake", "slake", [("06_cmdpi.difference_reconstruction", 0.75, 0.55, 0.5),
+                                                    ("08_bamco.knowledge_vqa", 0.7, 0.55, 0.6)])
+    rad = _fake_run(tmp_path / "rad", "vqa-rad", [("07_biod2c.gated_fusion", 0.6, 0.45, 0.4)])
+    table = runner_results.results_table({"cpu, SLAKE": slake, "cpu, VQA-RAD": rad})
     rows = [line for line in table.splitlines()[2:]]
     assert len(rows) == 3  # VQA chapters only
     assert rows[0] == "| cpu, SLAKE | 06 CMDPI | slake | 75.0 | 55.0 | 50.0 | +20.0 [+18.0, +22.0] | +25.0 [+22.0, +28.0] | 83.5 | 78.3 | 10 |"
     assert "| 08 BaMCo | slake | 70.0 |" in rows[1] and rows[1].endswith("| 84.5 | 78.3 | 11 |")  # Llama 3.2 1B, mean of open and closed
     assert "| 07 BioD2C | vqa-rad |" in rows[2] and "| 73.4 / 31.0 | 63.2 |" in rows[2]  # closed / open
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{rep.README_MARKERS[0]}\nstale numbers\n{rep.README_MARKERS[1]}\nrest\n")
-    assert rep.main(["results", f"cpu, SLAKE={slake}", "--readme", str(readme)]) == 0
+    readme.write_text(f"intro\n{runner_results.README_MARKERS[0]}\nstale numbers\n{runner_results.README_MARKERS[1]}\nrest\n")
+    assert runner_cli.main(["results", f"cpu, SLAKE={slake}", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "stale numbers" not in text and "| cpu, SLAKE | 06 CMDPI |" in text and text.startswith("intro\n")
-    assert text.endswith(f"{rep.README_MARKERS[1]}\nrest\n") and "generated by `medvqa results" in text
+    assert text.endswith(f"{runner_results.README_MARKERS[1]}\nrest\n") and "generated by `medvqa results" in text
     assert "- **cpu, SLAKE**: 2 of 2 VQA chapters above question-only and 2 of 2 above their blank-image score" in text
     assert "best 06 CMDPI 75.0 (MEVF on a GPU: 78.3)" in text
-    assert rep.main(["results", f"x={tmp_path / 'missing'}"]) == 2
+    assert runner_cli.main(["results", f"x={tmp_path / 'missing'}"]) == 2
     assert "no summary of a run" in capsys.readouterr().err
     (tmp_path / "bad.md").write_text("no markers")
-    assert rep.main(["results", f"x={slake}", "--readme", str(tmp_path / "bad.md")]) == 2
+    assert runner_cli.main(["results", f"x={slake}", "--readme", str(tmp_path / "bad.md")]) == 2
 
 
 def test_effects_table_lists_each_runs_ablation_effects(tmp_path):
@@ -223,20 +229,20 @@ def test_effects_table_lists_each_runs_ablation_effects(tmp_path):
                 "questions": 100, "detectable": 0.06},
                {"comparison": "full - w/o B", "difference": -0.01, "ci_low": -0.04, "ci_high": 0.02, "seeds": 3,
                 "questions": 100, "detectable": 0.042}]
-    chapters = [{"chapter": "06_difference_reconstruction", "status": "passed", "seconds": 1, "metrics": {"metrics": {"effects": effects}}},
+    chapters = [{"chapter": "06_cmdpi.difference_reconstruction", "status": "passed", "seconds": 1, "metrics": {"metrics": {"effects": effects}}},
                 {"chapter": "01_data", "status": "passed", "seconds": 1, "metrics": {"metrics": {}}}]
     (folder / "summary.json").write_text(json.dumps({"profile": "smoke", "chapters": chapters}))
-    rows = rep.effects_table({"smoke": folder}).splitlines()[2:]
+    rows = runner_results.effects_markdown({"smoke": folder}).splitlines()[2:]
     assert rows == ["| smoke | 06 | full - w/o A | +5.0 [+1.0, +9.0] | 3 × 100 | above 0 |",
                     "| smoke | 06 | full - w/o B | -1.0 [-4.0, +2.0] | 3 × 100 | includes 0 (detectable ≈ 4.2) |"]
     (folder / "summary.json").write_text(json.dumps({"profile": "smoke", "chapters": chapters[1:]}))
-    assert rep.effects_table({"smoke": folder}) == ""
+    assert runner_results.effects_markdown({"smoke": folder}) == ""
 
 
 def test_readme_results_come_from_the_generator():
     """The README's results block is the output of `medvqa results` (its marker line says so), not typed."""
     text = (project_root() / "README.md").read_text()
-    start, end = rep.README_MARKERS
+    start, end = runner_results.README_MARKERS
     block = text.split(start)[1].split(end)[0]
     assert "generated by `medvqa results" in block and "| run | chapter | data | overall |" in block
 
@@ -246,21 +252,21 @@ def test_a_full_run_without_its_hub_models_stops_before_any_chapter(tmp_path, mo
     monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
     out = tmp_path / "results"
-    code = rep.main(["reproduce", "--profile", "full", "--results", str(out)])
+    code = runner_cli.main(["reproduce", "--profile", "full", "--results", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     for name, hub_id in (("biomedclip", "microsoft/BiomedCLIP"), ("pmc-llama-13b", "axiong/PMC_LLaMA_13B"),
                          ("llama-3.2-1b", "meta-llama/Llama-3.2-1B")):
         assert f"'{name}' ({hub_id}" in err and f"--local-dir $MEDVQA_MODELS/{name}" in err
-    assert "chapter 07_gated_fusion: fusion_lm='pmc-llama-13b'" in err and "HF_HUB_OFFLINE" in err
+    assert "chapter 07_biod2c.gated_fusion: fusion_lm='pmc-llama-13b'" in err and "HF_HUB_OFFLINE" in err
 
 
 def test_downloaded_copies_in_medvqa_models_satisfy_the_check(tmp_path, monkeypatch):
-    from medvqa.models import MODELS
+    from medvqa.models.registry import MODELS
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MEDVQA_MODELS", str(tmp_path))
-    values = {"04_balanced_contrastive": {"text_encoder": "biomedclip-text", "image_encoder": "biomedclip"},
-              "08_knowledge_vqa": {"vqa_lm": "llama-3.2-1b", "knowledge_variants": "baseline,BaMCo", "seed": 0}}
+    values = {"04_bamco.balanced_contrastive": {"text_encoder": "biomedclip-text", "image_encoder": "biomedclip"},
+              "08_bamco.knowledge_vqa": {"vqa_lm": "llama-3.2-1b", "knowledge_variants": "baseline,BaMCo", "seed": 0}}
     assert len(rep.unavailable_models(values)) == 3
     for name in ("biomedclip-text", "biomedclip"):
         (tmp_path / name).mkdir()
@@ -270,31 +276,31 @@ def test_downloaded_copies_in_medvqa_models_satisfy_the_check(tmp_path, monkeypa
 
 
 def test_plan_for_full_prints_every_training_chapter_and_runs_nothing(tmp_path, capsys):
-    code = rep.main(["reproduce", "--profile", "full", "--plan", "--results", str(tmp_path / "out")])
+    code = runner_cli.main(["reproduce", "--profile", "full", "--plan", "--results", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0 and not (tmp_path / "out").exists()
     rows = [line for line in out.splitlines() if line.startswith("| 0")]
-    assert [r.split("|")[1].strip() for r in rows] == ["04_balanced_contrastive", "05_coregularized_pretraining",
-                                                       "06_difference_reconstruction", "07_gated_fusion", "08_knowledge_vqa"]
+    assert [r.split("|")[1].strip() for r in rows] == ["04_bamco.balanced_contrastive", "05_cmdpi.coregularized",
+                                                       "06_cmdpi.difference_reconstruction", "07_biod2c.gated_fusion", "08_bamco.knowledge_vqa"]
     assert "GPU-hours on one 80 GB" in out and "assumptions:" in out and "Does not fit" not in out
 
 
 def test_plan_names_the_sharding_config_when_a_chapter_does_not_fit():
     values = rep.profile_values_of("full", ["07"], {"fusion_accumulate": 1, "gradient_checkpointing": False})
-    (row,) = rep.gpu_plan(values)
+    (row,) = runner_plan.gpu_plan(values)
     # 40 layers x 34 x 48 questions x 256 tokens x 5120 wide x 2 bytes... = 85.6 GB of activations alone
     assert row["activations GB"] == pytest.approx(40 * 34 * 48 * 256 * 5120 / 1e9) and not row["fits one GPU"]
-    table = rep.plan_table([row])
-    assert "Does not fit one GPU: 07_gated_fusion" in table and "configs/accelerate/fsdp.yaml" in table
+    table = runner_plan.plan_table([row])
+    assert "Does not fit one GPU: 07_biod2c.gated_fusion" in table and "configs/accelerate/fsdp.yaml" in table
     for name in ("fsdp.yaml", "deepspeed_zero3.yaml"):
         assert (project_root() / "configs" / "accelerate" / name).is_file()
-    checkpointed = rep.gpu_plan(rep.profile_values_of("full", ["07"]))[0]
+    checkpointed = runner_plan.gpu_plan(rep.profile_values_of("full", ["07"]))[0]
     assert checkpointed["activations GB"] < 0.05 * row["activations GB"] and checkpointed["fits one GPU"]
     assert checkpointed["TFLOP per step"] > row["TFLOP per step"]  # recomputation costs FLOPs
 
 
 def test_readme_plan_is_the_generators_output():
-    table = rep.plan_table(rep.gpu_plan(rep.profile_values_of("full", ["04", "05", "06", "07", "08"])))
+    table = runner_plan.plan_table(runner_plan.gpu_plan(rep.profile_values_of("full", ["04", "05", "06", "07", "08"])))
     assert table in (project_root() / "README.md").read_text(), "regenerate: medvqa reproduce --profile full --plan"
 
 
@@ -313,7 +319,7 @@ def test_rehearsal_is_full_with_every_reduction_marked():
         if rehearsal[key] != full[key]:
             assert f"# full: " in line, f"{key} differs from full without saying so"
             stated = line.split("# full: ", 1)[1].strip()
-            assert rep._parse_value(stated) == full[key] or stated == str(full[key]), key
+            assert runner_cli._parse_value(stated) == full[key] or stated == str(full[key]), key
     for key in ("image_size", "image_encoder", "text_encoder", "fusion_lm", "vqa_lm", "mixed_precision",
                 "gradient_checkpointing", "fusion_accumulate"):  # the code paths that make it a rehearsal of full
         assert rehearsal[key] == full[key], key
@@ -339,7 +345,7 @@ def test_equation_index_reads_names_cells_and_tests_of_a_small_project(tmp_path)
         "def test_gate():\n    assert gate(1) == 1\n"
         "def test_block():\n    assert Block().forward(2) == 2\n"
         "def helper():\n    gate(3)\n")
-    rows = [(r["paper"], r["item"], r["function"], r["module"], r["notebook"], r["cell"], r["tests"]) for r in rep.equation_index(tmp_path)]
+    rows = [(r["paper"], r["item"], r["function"], r["module"], r["notebook"], r["cell"], r["tests"]) for r in runner_index.equation_index(tmp_path)]
     assert rows == [
         ("BioD2C", "Eq. 2", "gate", "medvqa.toy", "07_toy", "c001", ["tests/test_toy.py::test_gate"]),
         ("BioD2C", "Eq. 3", "gate", "medvqa.toy", "07_toy", "c001", ["tests/test_toy.py::test_gate"]),
@@ -347,7 +353,7 @@ def test_equation_index_reads_names_cells_and_tests_of_a_small_project(tmp_path)
 
 
 def test_every_equation_of_the_three_papers_is_indexed_with_a_test():
-    index = rep.equation_index()
+    index = runner_index.equation_index()
     numbers = {paper: {int(r["item"].split()[1]) for r in index if r["paper"] == paper} for paper in ("BaMCo", "CMDPI", "BioD2C")}
     assert numbers == {"BaMCo": {1}, "CMDPI": set(range(1, 14)), "BioD2C": set(range(1, 6))}
     for paper, equations in numbers.items():
@@ -358,11 +364,11 @@ def test_every_equation_of_the_three_papers_is_indexed_with_a_test():
 
 
 def test_papers_hold_the_generated_equation_index():
-    for paper in rep.PAPER_CHAPTERS:
+    for paper in runner_index.PAPER_CHAPTERS:
         text = (project_root() / "papers" / f"{paper.lower()}.md").read_text()
-        start, end = rep.INDEX_MARKERS
+        start, end = runner_index.INDEX_MARKERS
         body = text.split(start)[1].split(end)[0]
-        assert rep.equation_index_markdown(paper) in body, f"papers/{paper.lower()}.md is stale: run medvqa index --write"
+        assert runner_index.equation_index_markdown(paper) in body, f"papers/{paper.lower()}.md is stale: run medvqa index --write"
 
 
 # ---------------------------------------------------------------- the book
@@ -377,7 +383,7 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
         NotebookClient(nb, kernel_name="medvqa", timeout=120).execute()
         nbformat.write(nb, results / f"{name}.ipynb")
     (results / "summary.json").write_text(json.dumps({"chapters": [{"chapter": "01_first", "status": "passed"}]}))
-    pages = rep.build_book(results, tmp_path / "book", readme=project_root() / "README.md")
+    pages = runner_book.build_book(results, tmp_path / "book", readme=project_root() / "README.md")
     assert [p.name for p in pages] == ["index.html", "01_first.html", "02_second.html"]
     index = pages[0].read_text()
     assert 'href="01_first.html">01_first</a>: Chapter 01_first (1 figure, passed)' in index
@@ -389,7 +395,7 @@ def test_book_has_an_index_and_a_page_per_executed_notebook_with_its_figures(tmp
     assert (tmp_path / "book" / "mathjax" / "MathJax.js").is_file()  # equations typeset offline, from the book's copy
     assert 'src="mathjax/MathJax.js?config=' in pages[1].read_text() and "libs/mathjax" not in pages[1].read_text()
     with pytest.raises(FileNotFoundError, match="no executed notebooks"):
-        rep.build_book(tmp_path / "empty", tmp_path / "book2")
+        runner_book.build_book(tmp_path / "empty", tmp_path / "book2")
 
 
 def test_headless_progress_bars_fold_to_one_line_per_loop(tmp_path, monkeypatch):

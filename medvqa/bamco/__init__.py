@@ -1,0 +1,1 @@
+"""BaMCo (MICCAI 2025): knowledge items mined from VQA data (`knowledge`), the balanced multimodal contrastive knowledge space (`balanced_contrastive`), knowledge-driven VQA with an LLM (`knowledge_vqa`)."""
