@@ -5,6 +5,8 @@
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -21,10 +23,11 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['PROFILES', 'PROGRESS_ENV', 'check_choice', 'check_range', 'project_root', 'data_root', 'cache_root', 'run_dir',
-           'profiles_dir', 'load_profile', 'seed_everything', 'pick_device', 'cpu_attention_kernel', 'atomic_path',
-           'atomic_folder', 'file_lock', 'build_once', 'to_builtin', 'write_json', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'load_checkpoint', 'progress_bar', 'MetricsWriter', 'metrics_file']
+__all__ = ['PROFILES', 'UMASK', 'CHECKPOINT_MAGIC', 'PROGRESS_ENV', 'check_choice', 'check_range', 'project_root', 'data_root',
+           'cache_root', 'run_dir', 'profiles_dir', 'load_profile', 'seed_everything', 'pick_device',
+           'cpu_attention_kernel', 'atomic_path', 'atomic_folder', 'file_lock', 'build_once', 'to_builtin',
+           'write_json', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
+           'progress_bar', 'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full", "rehearsal")  # rehearsal: full's code paths on a CPU
@@ -131,9 +134,26 @@ def cpu_attention_kernel(device: torch.device | str):
     return sdpa_kernel([SDPBackend.MATH]) if torch.device(device).type == "cpu" else nullcontext()
 
 # %% ../nbs/00_core.ipynb #c023
+def _process_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux), else set and restored once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()  # read once at import, before any thread writes: files get 0o666 & ~UMASK (0644 by default)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds. The file gets the
+    permissions the user's umask gives a new file (a temporary file would otherwise stay readable by its owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -143,6 +163,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -157,6 +178,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it owner-only
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     finally:
@@ -258,23 +280,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_MAGIC = b"MEDVQA-CHECKPOINT 1"  # first line: magic, then the SHA-256 and length of the torch payload
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: truncated, changed after it was written, or not a medvqa checkpoint."""
+
+
 def save_checkpoint(path: str | os.PathLike, *, step: int, config: dict[str, Any], **state: Any) -> Path:
-    """Atomically save `state` (state dicts, history, ...) with its `config` and `step`."""
+    """Atomically save `state` (state dicts, history, ...) with its `config` and `step`, and a SHA-256 of the bytes
+    (one header line, written in the same atomic step) that `load_checkpoint` checks."""
     payload = {"step": int(step), "config": to_builtin(config), "rng": rng_state(), **state}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getvalue()
+        header = CHECKPOINT_MAGIC + f" sha256={hashlib.sha256(data).hexdigest()} bytes={len(data)}\n".encode()
+        tmp.write_bytes(header + data)
     return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (weights-only: no arbitrary code runs)."""
+    """Load a checkpoint written by `save_checkpoint`: its digest and length are checked first, then it is read
+    weights-only (no arbitrary code runs). Anything else raises `CheckpointError` naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    fix = f"delete {path} (or its run folder) to train again, or pass resume=False"
+    raw = path.read_bytes()
+    first, _, data = raw.partition(b"\n")
+    fields = dict(part.split("=", 1) for part in first[len(CHECKPOINT_MAGIC):].decode("ascii", "replace").split() if "=" in part)
+    if not first.startswith(CHECKPOINT_MAGIC) or not {"sha256", "bytes"} <= set(fields):
+        raise CheckpointError(f"{path}: not a medvqa checkpoint (no '{CHECKPOINT_MAGIC.decode()}' header); {fix}")
+    if len(data) != int(fields["bytes"]):
+        raise CheckpointError(f"{path}: truncated ({len(data)} of {fields['bytes']} bytes); {fix}")
+    if hashlib.sha256(data).hexdigest() != fields["sha256"]:
+        raise CheckpointError(f"{path}: its contents changed after it was written (SHA-256 mismatch); {fix}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise RuntimeError(f"{path}: not a readable medvqa checkpoint ({type(error).__name__}: {error})") from error
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # digest right, contents a foreign payload: never suggest weights_only=False
+        reason = str(error).split("\n")[0][:200]
+        raise CheckpointError(f"{path}: a payload medvqa does not read weights-only ({type(error).__name__}: {reason}); {fix}") from None
 
 # %% ../nbs/00_core.ipynb #5baf58d1
 PROGRESS_ENV = "MEDVQA_PROGRESS"  # "text": few-line text bars (headless runs); anything else: tqdm.auto (widgets in Jupyter)
