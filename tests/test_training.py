@@ -83,8 +83,8 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     fit(_model(), _mse, _data(), replace(CFG, stop_after_steps=4), run_dir=tmp_path)
     import medvqa.core as core
 
-    def crash(obj, f, *a, **k):
-        open(f, "wb").write(b"partial")
+    def crash(obj, f, *a, **k):  # Ctrl-C half-way through writing the checkpoint's payload
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(core.torch, "save", crash)
@@ -93,6 +93,26 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert core.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-1] + bytes([raw[-1] ^ 0xFF]), "SHA-256 mismatch"),  # a flipped byte (the zip still intact)
+    (lambda raw: raw[: len(raw) // 2], "truncated"),
+    (lambda raw: b"PK\x03\x04 a foreign zip", "not a medvqa checkpoint"),
+])
+def test_a_damaged_checkpoint_is_never_resumed(tmp_path, damage, message):
+    """Flipped bytes, a truncated file or a foreign file: `fit` stops with the file, what failed and the fix."""
+    fit(_model(), _mse, _data(), replace(CFG, stop_after_steps=4), run_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    for k in range(len(raw) - 4000, len(raw) - 3000, 250):  # 4 bytes inside the tensor data, the zip's index untouched
+        flipped[k] ^= 0xFF
+    path.write_bytes(bytes(flipped) if message == "SHA-256 mismatch" else damage(raw))
+    with pytest.raises(RuntimeError, match=message) as error:
+        fit(_model(), _mse, _data(), CFG, run_dir=tmp_path)
+    assert str(path) in str(error.value) and "resume=False" in str(error.value)
+    assert "weights_only=False" not in str(error.value)
 
 
 def test_failures_are_clear():
