@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
@@ -25,9 +26,9 @@ import yaml
 # %% auto #0
 __all__ = ['PROFILES', 'UMASK', 'CHECKPOINT_MAGIC', 'PROGRESS_ENV', 'check_choice', 'check_range', 'project_root', 'data_root',
            'cache_root', 'run_dir', 'profiles_dir', 'load_profile', 'seed_everything', 'pick_device',
-           'cpu_attention_kernel', 'atomic_path', 'atomic_folder', 'file_lock', 'build_once', 'to_builtin',
-           'write_json', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
-           'progress_bar', 'MetricsWriter', 'metrics_file']
+           'cpu_attention_kernel', 'atomic_path', 'scratch_folder', 'atomic_folder', 'file_lock', 'build_once',
+           'to_builtin', 'write_json', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint',
+           'load_checkpoint', 'progress_bar', 'MetricsWriter', 'metrics_file']
 
 # %% ../nbs/00_core.ipynb #c007
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "full", "rehearsal")  # rehearsal: full's code paths on a CPU
@@ -167,6 +168,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def scratch_folder(prefix: str = "medvqa-") -> Path:
+    """A new empty folder for a demo's or a check's files: under `MEDVQA_SCRATCH` (the folder `medvqa reproduce` gives a
+    chapter's kernel and removes when the chapter ends), else under `MEDVQA_CACHE/tmp`, removed when Python exits. A run
+    leaves nothing in the system's temporary folder."""
+    root = Path(os.environ["MEDVQA_SCRATCH"]) if os.environ.get("MEDVQA_SCRATCH") else cache_root() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 @contextmanager
@@ -341,7 +353,6 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any):
     kwargs.setdefault("ncols", 100)
     kwargs["disable"] = bool(kwargs.get("disable", False)) or nested
     return text_tqdm(iterable, **kwargs)
-
 
 # %% ../nbs/00_core.ipynb #c029
 class MetricsWriter:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +48,35 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations of Hugging Face models in backward (saves memory)
 
     def __post_init__(self):
-        check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        check_range("accumulate", self.accumulate, 1, 4096)
+        """Refuse a field of the wrong type or outside its range, naming it (`epochs=0` would train nothing and
+        report it finished; `epochs='2'` would fail deep inside the loop)."""
+        kinds = {"epochs": "int", "batch_size": "int", "checkpoint_every": "int", "seed": "int", "accumulate": "int",
+                 "lr": "number", "weight_decay": "number", "warmup_ratio": "number", "max_grad_norm": "number or None",
+                 "stop_after_steps": "int or None", "device": "str", "mixed_precision": "str",
+                 "drop_last": "bool", "progress": "bool", "gradient_checkpointing": "bool"}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is None:
+                ok = kind.endswith("or None")
+            elif isinstance(value, bool):  # before the numbers: True is an int to Python
+                ok = kind == "bool"
+            else:
+                ok = {"int": isinstance(value, numbers.Integral), "number": isinstance(value, numbers.Real),
+                      "str": isinstance(value, str)}.get(kind.split()[0], False)
+            if not ok:
+                raise TypeError(f"TrainConfig.{name}={value!r} ({type(value).__name__}): expected {kind}")
+        check_range("epochs", self.epochs, 1, 1_000_000)
         check_range("batch_size", self.batch_size, 1, 1_000_000)
+        check_range("lr", self.lr, 1e-12, 100.0)
+        check_range("weight_decay", self.weight_decay, 0.0, 100.0)
+        check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range("checkpoint_every", self.checkpoint_every, 1, 10**12)
+        check_range("accumulate", self.accumulate, 1, 4096)
+        if self.max_grad_norm is not None:
+            check_range("max_grad_norm", self.max_grad_norm, 1e-12, 1e12)
+        if self.stop_after_steps is not None:
+            check_range("stop_after_steps", self.stop_after_steps, 0, 10**12)
+        check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
 
     def resume_key(self) -> dict[str, Any]:
         """The fields that must match for a checkpoint to be resumed."""

@@ -1,4 +1,4 @@
-"""Tests of the CPU-pretrained image encoder (chapter 02a): NT-Xent, views, the train-or-load cache, the probe."""
+"""Tests of the CPU-pretrained image encoder (chapter 02c, medvqa.models.pretraining): NT-Xent, views, the train-or-load cache, the probe."""
 import math
 import warnings
 

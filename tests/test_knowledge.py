@@ -1,4 +1,4 @@
-"""Tests of medvqa.knowledge: the mining rule, the backends on small files, de-duplication, Table 1 on SLAKE."""
+"""Tests of medvqa.bamco.knowledge: the mining rule, the backends on small files, de-duplication, Table 1 on SLAKE."""
 import json
 from pathlib import Path
 

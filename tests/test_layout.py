@@ -48,6 +48,19 @@ def medvqa_imports(path: Path, name: str) -> list[tuple[int, str, bool]]:
     return out
 
 
+def dynamic_imports(path: Path) -> list[int]:
+    """Lines that import a medvqa module by a string at run time (importlib.import_module, __import__): a way round
+    the layers that the import statements would not show."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and node.args[0].value.startswith(("medvqa", ".")):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in ("import_module", "__import__"):
+                lines.append(node.lineno)
+    return lines
+
+
 def resolve(target: str, known: dict[str, Path]) -> str:
     """The medvqa module an imported name belongs to ('medvqa.data.readers.load_split' -> 'medvqa.data.readers')."""
     while target not in known and "." in target:
@@ -68,6 +81,9 @@ def layout_problems(root: Path = PACKAGE) -> list[str]:
             problems.append(f"{path}: over {MAX_LINES} lines")
         here = layer_of(name) if "." in name else None
         graph[name] = set()
+        for line in dynamic_imports(path):
+            problems.append(f"{path.relative_to(root.parent)}:{line}: {name} imports a medvqa module at run time; "
+                            f"write the import at the top of the file")
         for line, target, at_top in medvqa_imports(path, name):
             other = resolve(target, known)
             if other == name:
@@ -77,7 +93,8 @@ def layout_problems(root: Path = PACKAGE) -> list[str]:
             where = f"{path.relative_to(root.parent)}:{line}: {name} ({here}) imports {other} ({there})"
             if not at_top:
                 problems.append(f"{where}: not at the top of the file")
-            if here is None:
+            if here is None:  # the package root: importing `medvqa.core` runs it, so it imports nothing of its own
+                problems.append(f"{where}: the package root imports a module")
                 continue
             if here in PAPERS and there in PAPERS and here != there:
                 problems.append(f"{where}: one paper's package imports another's")
@@ -127,6 +144,10 @@ def _write(root: Path, files: dict[str, str]) -> Path:
      "medvqa/models/a.py:2: medvqa.models.a (models) imports medvqa.data.b (data): not at the top of the file"),
     ({"data/a.py": "from .b import y\n", "data/b.py": "from .a import z\ny = 1\n"}, "import circle through medvqa.data.a"),
     ({"core.py": "x = 1\n" * (MAX_LINES + 1)}, f"over {MAX_LINES} lines"),
+    ({"__init__.py": "from .runner.cli import main\n", "runner/cli.py": "main = 1\n"},
+     "medvqa/__init__.py:1: medvqa (None) imports medvqa.runner.cli (runner): the package root imports a module"),
+    ({"data/a.py": "import importlib\nm = importlib.import_module('medvqa.runner.cli')\n", "runner/cli.py": "x = 1\n"},
+     "medvqa/data/a.py:2: medvqa.data.a imports a medvqa module at run time"),
 ])
 def test_layout_problems_are_named(tmp_path, files, expected):
     """The check fails on each kind of problem, naming the file, the line and the two layers (made-up packages)."""

@@ -75,5 +75,5 @@ def test_the_runner_notebooks_run(notebook, tmp_path):
                                extra_arguments=rep.KERNEL_ARGUMENTS)
     if notebook == rep.RUNNER_CHAPTER:
         assert (tmp_path / "m.json").is_file()
-    assert set(rep.runner_notebooks()) == {"90_runner.reproduce", "91_runner.results", "92_runner.plan", "93_runner.index",
+    assert set(rep.runner_notebooks()) == {"90_runner.reproduce", "90a_runner.folder", "91_runner.results", "92_runner.plan", "93_runner.index",
                                            "94_runner.book", "95_runner.cli"}

@@ -21,7 +21,7 @@ from ..core import atomic_path, cache_root, check_choice, data_root
 from .synthetic import synthetic_root
 
 # %% auto #0
-__all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
+__all__ = ['ANSWER_TYPES', 'SPLITS', 'SPLIT_ALIASES', 'TEXT_FIELDS', 'NUMBER_WORDS', 'ARTICLES', 'DATASET_FOLDERS', 'HOW_TO_GET',
            'MISSING_IMAGE_POLICIES', 'VQA_RAD_PHRASES', 'SLAKE_FILES', 'HF_DATASETS', 'VQARecord', 'DatasetError',
            'canonical_split', 'normalize_answer', 'dataset_root', 'find_files', 'verify_images', 'load_vqa_rad',
            'load_slake', 'read_plain_pickle', 'load_pathvqa', 'load_hf_parquet', 'download', 'load_split',
@@ -69,6 +69,8 @@ def _read_json(path: Path) -> Any:
         raise DatasetError(path, "file not found") from None
     except json.JSONDecodeError as e:
         raise DatasetError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(path, f"not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}") from None
 
 
 def _read_json_list(path: Path, what: str = "QA records") -> list:
@@ -79,13 +81,22 @@ def _read_json_list(path: Path, what: str = "QA records") -> list:
     return rows
 
 
+TEXT_FIELDS = {"question", "answer", "answer_type", "image_name", "img_name", "image", "img_id", "q_lang"}  # one value each
+
+
 def _require(raw: dict, name: str, file: Path, record: Any) -> Any:
-    """Return raw[name] or raise a DatasetError naming the file, record and missing field."""
+    """Return raw[name] or raise a DatasetError naming the file, record and field that is missing, or that holds a list
+    or an object where text (or a number, as some answers are) is expected."""
     if not isinstance(raw, dict):
         raise DatasetError(file, f"expected a JSON object, found {type(raw).__name__}", record)
     if name not in raw or raw[name] is None:
         raise DatasetError(file, "required field is missing", record, name)
-    return raw[name]
+    value = raw[name]
+    if name in TEXT_FIELDS and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        shown = json.dumps(value, ensure_ascii=False)
+        raise DatasetError(file, f"expected text, found a JSON {type(value).__name__} {shown[:60]}{'…' if len(shown) > 60 else ''}",
+                           record, name)
+    return value
 
 
 def _answer_type(value: Any, file: Path, record: Any) -> str:
@@ -142,7 +153,7 @@ def dataset_root(name: str, root: str | Path | None = None) -> Path:
             return base / folder
     raise FileNotFoundError(f"{name}: no folder named {' or '.join(DATASET_FOLDERS[name])} under {base} "
                             f"(set MEDVQA_DATA to the folder that holds it); get {HOW_TO_GET[name]} "
-                            f"or its Hugging Face copy with medvqa.data.download({name!r}, dest)")
+                            f"or its Hugging Face copy with medvqa.data.readers.download({name!r}, dest)")
 
 
 def find_files(root: Path, pattern: str, max_depth: int = 4) -> list[Path]:

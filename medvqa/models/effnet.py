@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import image_transform
-from .registry import ModelUnavailableError
+from .registry import ModelUnavailableError, read_weights
 from .towers import _check_images, ImageEncoder, ImageFeatures
 
 # %% auto #0
@@ -101,7 +101,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
         self.weights_file = None
         if pretrained:
             self.weights_file = effnet_lite0_file()
-            load_effnet_state(self.net, torch.load(self.weights_file, map_location="cpu", weights_only=True), self.weights_file)
+            state = read_weights(self.weights_file, lambda: torch.load(self.weights_file, map_location="cpu", weights_only=True))
+            load_effnet_state(self.net, state, self.weights_file)
         self.image_size, self.mean, self.std = image_size, IMAGENET_MEAN, IMAGENET_STD
         self.embed_dim = self.net.num_features  # 1280
         self.patch_dim = self.net.blocks[4][-1].conv_pwl.out_channels + self.net.blocks[6][-1].conv_pwl.out_channels

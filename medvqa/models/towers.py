@@ -20,7 +20,7 @@ from ..core import atomic_path, cache_root, progress_bar
 from ..data.batches import image_transform
 from ..data.readers import DatasetError
 from .registry import (_hub_cached, hub_load, hub_offline, hub_reachable, local_model_dir, model_spec,
-                                    ModelSpec, ModelUnavailableError, require_files)
+                                    ModelSpec, ModelUnavailableError, read_weights, require_files)
 from ..training import weights_fingerprint
 
 # %% auto #0
@@ -51,7 +51,7 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
                 model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
             return model.eval(), tokenizer, model.visual.preprocess_cfg
     with quiet_weight_loading() if local_dir is not None else nullcontext():  # a local copy: no "Loading weights" bar
-        model = open_clip.create_model(ident, pretrained=None)
+        model = read_weights(local_dir or ident, lambda: open_clip.create_model(ident, pretrained=None))
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg
 
@@ -133,7 +133,7 @@ def load_text_encoder(name: str = "minilm", local_dir: str | Path | None = None,
         folder = require_files(local_dir or minilm_folder(), ["config.json", "model.safetensors|pytorch_model.bin",
                                                               "tokenizer.json|vocab.txt"], name)
         with quiet_weight_loading():
-            model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+            model, tokenizer = read_weights(folder, lambda: AutoModel.from_pretrained(folder)), AutoTokenizer.from_pretrained(folder)
     else:
         model = hub_load(spec, AutoModel.from_pretrained)
         tokenizer = hub_load(spec, AutoTokenizer.from_pretrained)

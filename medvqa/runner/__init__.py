@@ -1,1 +1,1 @@
-"""The runner, above every paper's package: run chapters (`reproduce`), tables from runs (`results`), a GPU plan (`plan`), the equation index (`index`), the book (`book`), the command line (`cli`)."""
+"""The runner, above every paper's package: run chapters (`reproduce`), the results folder a run owns (`folder`), tables from runs (`results`), a GPU plan (`plan`), the equation index (`index`), the book (`book`), the command line (`cli`)."""

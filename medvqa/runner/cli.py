@@ -18,7 +18,7 @@ from ..core import project_root
 from .book import build_book
 from .index import equation_index_markdown, PAPER_CHAPTERS, write_equation_indexes
 from .plan import gpu_plan, PLAN_ASSUMPTIONS, plan_table
-from .reproduce import list_chapters, notebook_parameters, profile_values_of, reproduce
+from .reproduce import list_chapters, notebook_parameters, profile_values_of, reproduce, RunInterrupted
 from .results import effects_markdown, replace_marked_section, results_reading, results_table
 
 # %% auto #0
@@ -37,14 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run chapters headless and write results/<profile>/summary.md")
     rep.add_argument("--profile", default="smoke", help="smoke | cpu | full (a file in profiles/)")
-    rep.add_argument("--chapters", nargs="*", help="chapters to run, e.g. 01_data or 01 (default: all)")
+    rep.add_argument("--chapters", nargs="*", help="chapters to run, by number (05), module (cmdpi.coregularized) or its last part (coregularized); default: all")
     rep.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override one parameter (must be declared by a chosen chapter)")
     rep.add_argument("--kernel", default="medvqa", help="Jupyter kernel name (make registers 'medvqa')")
     rep.add_argument("--timeout", type=int, default=1800, help="per-cell execution timeout in seconds")
     rep.add_argument("--jobs", type=int, default=1, help="chapters run at once, each when the chapters it needs are done "
                                                          "(make reproduce: 2; the cores are shared between them)")
-    rep.add_argument("--results", default=None, help="output folder (default results/<profile>)")
+    rep.add_argument("--results", default=None, help="output folder (default results/<profile>); one run at a time")
+    rep.add_argument("--nbs", default=None, help="the notebooks' folder (default nbs/ of the project)")
     rep.add_argument("--list", action="store_true", help="list the chapters and their parameters, then exit")
     rep.add_argument("--plan", action="store_true", help="print the GPU plan of the chosen chapters (runs nothing)")
     book = sub.add_parser("book", help="an HTML site of the executed chapters of a reproduce run")
@@ -56,10 +57,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     res.add_argument("runs", nargs="+", metavar="LABEL=FOLDER", help="a label and a run folder, e.g. smoke=results/smoke")
     res.add_argument("--readme", default=None, help="replace the table between the results markers of this README")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except RunInterrupted as stop:
+        done = sum(r.status == "passed" for r in stop.runs)
+        print(f"medvqa reproduce: {stop}; {done} chapters finished, the summary is {stop.summary}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a run (while checking values, writing a table)
+        print(f"medvqa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # the file system: a file where a folder is expected, read-only, disk full
+        where = error.filename or ""
+        print(f"medvqa {args.command}: {where}{': ' if where else ''}{error.strerror or error}; check that the path "
+              f"is a folder you can write and the disk has room", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run one parsed command; errors the user can fix are one line on stderr and exit code 2."""
     if args.command == "book":
         try:
             pages = build_book(args.results, args.out or Path("book") / Path(args.results).name)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             print(f"medvqa book: {error}", file=sys.stderr)
             return 2
         print(f"{len(pages) - 1} chapter pages; open {pages[0]}")
@@ -72,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "results":
         try:
+            bad = [item for item in args.runs if "=" not in item or not all(item.split("=", 1))]
+            if bad:
+                raise ValueError(f"{', '.join(map(repr, bad))}: each run is LABEL=FOLDER, e.g. smoke=results/smoke")
             runs = dict(item.split("=", 1) for item in args.runs)
             table = results_table(runs) + "\n\n" + results_reading(runs)
             effects = effects_markdown(runs)
@@ -86,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table)
         return 0
     try:
+        if args.chapters is not None and not args.chapters:
+            raise ValueError("--chapters needs at least one chapter (a number such as 04, or a name); leave it out to run all")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout {args.timeout}: the per-cell timeout must be a positive number of seconds")
         if args.list:
             for name in list_chapters():
                 print(name, notebook_parameters(project_root() / "nbs" / f"{name}.ipynb"))
@@ -96,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("assumptions:", json.dumps(PLAN_ASSUMPTIONS))
             return 0
         runs = reproduce(args.profile, args.chapters, {k: _parse_value(v) for k, v in args.parameter},
-                         args.kernel, args.timeout, args.results, jobs=args.jobs)
+                         args.kernel, args.timeout, args.results, nbs_dir=args.nbs, jobs=args.jobs)
     except (ValueError, FileNotFoundError) as error:
         print(f"medvqa reproduce: {error}", file=sys.stderr)
         return 2

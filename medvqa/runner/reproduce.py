@@ -8,26 +8,33 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core import (atomic_path, cache_root, check_range, load_profile, progress_bar, PROGRESS_ENV, project_root,
-                         to_builtin, write_json)
-from ..evaluation import paper_value, reported_results
+from ..core import atomic_path, cache_root, check_range, load_profile, progress_bar, PROGRESS_ENV, project_root
+from ..data.readers import DatasetError, load_split
 from ..models.lm import write_rehearsal_models
 from ..models.registry import model_availability, MODELS
+from .folder import ChapterRun, earlier_runs, results_folder, results_lock, write_summary
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'RUNNER_PACKAGE', 'KERNEL_ARGUMENTS', 'CHAPTER_NEEDS', 'chapter_module', 'is_runner_notebook',
-           'list_chapters', 'runner_notebooks', 'notebook_parameters', 'resolve_chapters', 'chapter_parameters',
-           'check_overrides', 'parameter_types', 'declared_checks', 'validate_chapter_values', 'injected_names',
-           'check_executed', 'fold_streams', 'ChapterRun', 'run_chapter', 'injected_values', 'profile_values_of',
-           'parameter_defaults', 'unavailable_models', 'chapter_needs', 'reproduce', 'write_summary']
+__all__ = ['RUNNER_CHAPTER', 'RUNNER_PACKAGE', 'KERNELS', 'KERNEL_ARGUMENTS', 'CHAPTER_NEEDS', 'chapter_module',
+           'is_runner_notebook', 'list_chapters', 'runner_notebooks', 'notebook_parameters', 'resolve_chapters',
+           'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks', 'validate_chapter_values',
+           'injected_names', 'check_executed', 'fold_streams', 'RunInterrupted', 'stop_kernels', 'run_chapter',
+           'injected_values', 'profile_values_of', 'parameter_defaults', 'unavailable_models', 'chapter_needs',
+           'reproduce', 'unreadable_datasets']
 
 # %% ../../nbs/90_runner.reproduce.ipynb #c008
 RUNNER_CHAPTER = "90_runner.reproduce"  # this notebook: the runner's own metrics
+
+
 RUNNER_PACKAGE = "runner"  # the notebooks of medvqa.runner run chapters; they are not chapters
 
 
@@ -198,25 +205,49 @@ def fold_streams(path: Path) -> int:
     return before - sum(len(c.get("outputs", [])) for c in notebook.cells)
 
 # %% ../../nbs/90_runner.reproduce.ipynb #c016
-@dataclass
-class ChapterRun:
-    """The outcome of one chapter."""
-    chapter: str
-    status: str  # passed | failed
-    seconds: float
-    notebook: str  # the executed copy
-    error: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
+class RunInterrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run: its kernels were shut down and the summary of what finished written."""
+
+    def __init__(self, signum: int, runs: Sequence[ChapterRun], summary: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.runs, self.summary = signum, list(runs), summary
+
+
+KERNELS: set = set()  # the kernel managers of the chapters running now (Ctrl-C shuts them down)
+
+
+def _tracked_kernel_manager(env: dict[str, str]):
+    """A kernel manager class that registers its kernels in KERNELS while they live and starts them with `env` added
+    to this process's environment (each chapter its own scratch folder)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            KERNELS.add(self)
+
+        async def start_kernel(self, **kw: Any) -> None:
+            kw["env"] = {**os.environ, **(kw.get("env") or {}), **env}
+            return await super().start_kernel(**kw)
+
+    return TrackedKernelManager
+
+
+def stop_kernels() -> int:
+    """Kill every running chapter's kernel process (the papermill thread then fails at once); returns how many."""
+    stopped = 0
+    for km in list(KERNELS):
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            stopped += 1
+        KERNELS.discard(km)
+    return stopped
 
 
 # ipykernel warns at every start that its local TCP sockets are not encrypted (the runner's kernels listen on 127.0.0.1
 # only); its own warnings are hidden, its errors still show
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
-
-
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The top-level numbers and short strings of a metrics dict (for the summary table)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40}
 
 
 def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared: dict[str, Any],
@@ -228,14 +259,19 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
     metrics_path.unlink(missing_ok=True)
     start = time.perf_counter()
     error = ""
+    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-", dir=cache_root() / "tmp"))  # removed when the chapter ends
     try:
         papermill.execute_notebook(str(notebook), str(out_nb), parameters=values, kernel_name=kernel,
                                    execution_timeout=timeout, progress_bar=False, cwd=str(notebook.parent),
-                                   extra_arguments=KERNEL_ARGUMENTS)
+                                   extra_arguments=KERNEL_ARGUMENTS,
+                                   kernel_manager_class=_tracked_kernel_manager({"MEDVQA_SCRATCH": str(scratch)}))
     except papermill.PapermillExecutionError as e:
         error = f"{e.ename}: {e.evalue}"[:2000]
     except Exception as e:  # kernel missing, timeout, ...
         error = f"{type(e).__name__}: {e}"[:2000]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
     if out_nb.is_file():
         fold_streams(out_nb)
@@ -243,7 +279,8 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
         problems = check_executed(nbformat.read(str(out_nb), as_version=4), declared, metrics_path)
         error = "; ".join(problems)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return ChapterRun(notebook.stem, "failed" if error else "passed", round(seconds, 1), str(out_nb), error, metrics)
+    return ChapterRun(notebook.stem, "failed" if error else "passed", round(seconds, 1), str(out_nb), error, metrics,
+                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def injected_values(profile_values: dict[str, Any], chapters: Sequence[str] | None = None,
@@ -304,7 +341,8 @@ CHAPTER_NEEDS = {  # the chapters whose outputs (data, caches, checkpoints, pred
     "00_core": (), "00a_training": (), "00b_diagrams": (),
     "01_data.readers": (),  # generates the built-in dataset into the cache
     "01a_data.synthetic": (), "01b_data.batches": ("01_data.readers",),
-    "02_models.registry": (), "02a_models.towers": (), "02b_models.effnet": (), "02d_models.zoo": (),
+    "02_models.registry": (), "02a_models.towers": (), "02b_models.effnet": (),
+    "02d_models.zoo": ("01_data.readers",),  # its figure reads a synthetic scan
     "02c_models.pretraining": ("01_data.readers",),
     "02e_models.lm": (),  # converts SmolLM2 into the cache
     "02f_models.prefix": ("02e_models.lm",),
@@ -340,7 +378,6 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     """Run chapters headless with a profile; write executed notebooks, metrics and the summary.
     `jobs` > 1 runs up to that many chapters at once, each as soon as the chapters it needs have finished, with the
     CPU cores shared between them (OMP_NUM_THREADS, unless it is set already)."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     check_range("jobs", jobs, 1, 64)
     nbs_dir = Path(nbs_dir or project_root() / "nbs")
     profile_values = load_profile(profile) if profile_values is None else profile_values
@@ -349,11 +386,43 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
     if profile == "rehearsal":  # random-weight stand-ins of the hub models, read where downloaded copies would be
         os.environ["MEDVQA_MODELS"] = str(write_rehearsal_models(cache_root() / "rehearsal-models"))
         print(f"rehearsal: hub models are random-weight stand-ins in MEDVQA_MODELS={os.environ['MEDVQA_MODELS']}")
-    unavailable = unavailable_models({name: {**parameter_defaults(declared[name]), **values_of[name]} for name in names})
+    full_values = {name: {**parameter_defaults(declared[name]), **values_of[name]} for name in names}
+    unavailable = unavailable_models(full_values)
     if unavailable:
         raise ValueError("hub models that cannot be loaded here (nothing was run):\n  " + "\n  ".join(unavailable))
-    out_dir = Path(results_dir or project_root() / "results" / profile).resolve()  # chapters run with cwd=nbs/
-    out_dir.mkdir(parents=True, exist_ok=True)
+    broken = unreadable_datasets(full_values)
+    if broken:
+        raise ValueError("datasets that cannot be read (nothing was run):\n  " + "\n  ".join(broken))
+    out_dir = results_folder(results_dir or project_root() / "results" / profile)  # chapters run with cwd=nbs/
+    with results_lock(out_dir):
+        earlier = earlier_runs(out_dir, profile, names, list_chapters(nbs_dir))
+        return _run_chapters(names, declared, values_of, nbs_dir, out_dir, profile, kernel, timeout, jobs, earlier)
+
+
+def unreadable_datasets(values_of: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per real dataset that the chapters' values name and that cannot be read: its folder and files exist and
+    parse (images are not opened: chapters handle missing ones by their `missing_images` policy)."""
+    lines, seen = [], set()
+    for chapter, values in values_of.items():
+        name = values.get("dataset")
+        if not isinstance(name, str) or name == "synthetic" or name in seen:
+            continue
+        seen.add(name)
+        for split in ("train", "test"):
+            try:
+                load_split(name, split, missing_images="keep")
+            except (DatasetError, FileNotFoundError, ValueError) as error:
+                lines.append(f"chapter {chapter}: dataset={name!r}, split {split}: {error}")
+                break
+    return lines
+
+
+def _run_chapters(names: Sequence[str], declared: dict[str, Any], values_of: dict[str, dict[str, Any]], nbs_dir: Path,
+                  out_dir: Path, profile: str, kernel: str, timeout: int, jobs: int,
+                  earlier: Sequence[ChapterRun]) -> list[ChapterRun]:
+    """Run the chapters (up to `jobs` at once, each when what it needs is done); Ctrl-C or SIGTERM stops them within
+    seconds, records the running ones as `interrupted` and raises RunInterrupted after writing the summary."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     bar = progress_bar(total=len(names), desc=f"reproduce ({profile})", unit="chapter")  # the runner's own bar
     # what the kernels inherit, restored when the run ends: few-line text bars (medvqa.core.progress_bar), no hub or
     # transformers bars (weight loading, downloads), and with jobs > 1 the cores shared between the chapters
@@ -369,10 +438,16 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
             values["metrics_path"] = str(out_dir / f"{name}.metrics.json")
         return run_chapter(nbs_dir / f"{name}.ipynb", out_dir, values, declared[name], kernel, timeout)
 
+    def summarize() -> Path:
+        rows = sorted([*earlier, *finished.values()], key=lambda r: r.chapter)
+        return write_summary(rows, out_dir, profile, wall_seconds=time.perf_counter() - started, jobs=jobs)
+
     started, finished = time.perf_counter(), {}
     pending, running = list(names), {}
+    handlers = _stop_on_signals()
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
             while pending or running:
                 for name in [n for n in pending if all(m in finished for m in chapter_needs(n, names))][: jobs - len(running)]:
                     pending.remove(name)
@@ -382,9 +457,17 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
                 for future in done:
                     finished[running.pop(future)] = future.result()
                     bar.update()
-                write_summary([finished[n] for n in names if n in finished], out_dir, profile,
-                              wall_seconds=time.perf_counter() - started, jobs=jobs)
+                summarize()
+        except (KeyboardInterrupt, _Terminated) as stop:
+            signum = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+            stop_kernels()
+            pool.shutdown(wait=True, cancel_futures=True)  # each running chapter fails at once: its kernel is gone
+            for future, name in running.items():
+                finished[name] = _interrupted(future, name, out_dir, signum)
+            raise RunInterrupted(signum, [finished[n] for n in names if n in finished], summarize()) from None
+        pool.shutdown(wait=True)
     finally:
+        _restore_signals(handlers)
         bar.close()
         for name, value in env_before.items():
             if value is None:
@@ -393,41 +476,33 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
                 os.environ[name] = value
     return [finished[n] for n in names]
 
-# %% ../../nbs/90_runner.reproduce.ipynb #c018
-def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
-                  reported_path: str | Path | None = None, wall_seconds: float | None = None, jobs: int = 1) -> Path:
-    """Write summary.json and summary.md for the runs so far; return the markdown path. `wall_seconds`: the run's
-    elapsed time so far (below the sum of the chapters' times when `jobs` > 1 ran them at once)."""
-    try:
-        reported = reported_results(reported_path)
-    except FileNotFoundError:
-        reported = []
-    write_json(out_dir / "summary.json", {"profile": profile, "chapters": [to_builtin(r) for r in runs],
-                                          "wall_seconds": wall_seconds, "jobs": jobs})
-    elapsed = "" if wall_seconds is None else f"; {wall_seconds:.0f} s of wall time with up to {jobs} at once"
-    lines = [f"# medvqa reproduction — profile `{profile}`", "",
-             f"{sum(r.status == 'passed' for r in runs)} of {len(runs)} chapters passed; "
-             f"the chapters took {sum(r.seconds for r in runs):.0f} s in all{elapsed}.", "",
-             "| chapter | status | wall time (s) | metrics | models |", "| --- | --- | --- | --- | --- |"]
-    for r in runs:
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in _scalar_metrics(r.metrics.get("metrics", {})).items())
-        models = ", ".join(f"{role}: {m.get('name')}" for role, m in r.metrics.get("models", {}).items())
-        status = r.status if not r.error else f"{r.status}: {r.error[:200]}"
-        lines.append(f"| {r.chapter} | {status.replace('|', '/')} | {r.seconds:.0f} | {shown.replace('|', '/')} | {models} |")
-    results = [(r.chapter, res) for r in runs for res in r.metrics.get("results", [])]
-    lines += ["", "## Beside the papers", ""]
-    if results:
-        lines += ["| chapter | paper | dataset | metric | ours | paper reports |", "| --- | --- | --- | --- | --- | --- |"]
-        for chapter, res in results:
-            ours = f"{res['value']:.1f}" if isinstance(res["value"], float) else str(res["value"])
-            notes = ([f"{res['mode']} rule"] if res.get("mode") else []) + ([str(res["variant"])] if res.get("variant") else [])
-            metric = res["metric"] + (f" ({'; '.join(notes)})" if notes else "")  # scoring rule (chapter 09) and model variant
-            lines.append(f"| {chapter} | {res['paper']} | {res['dataset']} | {metric} | {ours} | "
-                         f"{paper_value(res, reported) or '—'} |")
-    else:
-        lines.append("No chapter run so far reports a number that the papers also report.")
-    path = out_dir / "summary.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """In the main thread: SIGTERM raises _Terminated (Ctrl-C already raises KeyboardInterrupt); the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def terminated(signum, frame):
+        raise _Terminated()
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated)}
+
+
+def _restore_signals(handlers: dict[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _interrupted(future: Any, name: str, out_dir: Path, signum: int) -> ChapterRun:
+    """The record of a chapter stopped half-way: its partial notebook kept as `<chapter>.interrupted.ipynb`."""
+    run = future.result() if future.done() and not future.cancelled() else None
+    partial = out_dir / f"{name}.ipynb"
+    kept = out_dir / f"{name}.interrupted.ipynb"
+    if partial.is_file():
+        partial.replace(kept)
+    return ChapterRun(name, "interrupted", run.seconds if run else 0.0, str(kept) if kept.is_file() else "",
+                      f"stopped by {signal.Signals(signum).name}; rerun it with --chapters {name.split('_', 1)[0]}",
+                      {}, datetime.now(timezone.utc).isoformat(timespec="seconds"))

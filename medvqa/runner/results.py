@@ -17,7 +17,7 @@ __all__ = ['VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'read_summary', 
            'results_reading', 'effects_markdown', 'replace_marked_section']
 
 # %% ../../nbs/91_runner.results.ipynb #c020b
-VQA_CHAPTERS = {"06_cmdpi.difference_reconstruction": "CMDPI", "07_biod2c.gated_fusion": "BioD2C", "08_bamco.knowledge_vqa": "BaMCo"}
+VQA_CHAPTERS = {"06": "CMDPI", "07": "BioD2C", "08": "BaMCo"}  # by chapter number: run folders from before the rename count too
 PAPER_HEADLINES = {"CMDPI": ("CMDPI", ("overall_accuracy",)), "BioD2C": ("BioD2C", ("closed_accuracy", "open_accuracy")),
                    "BaMCo": ("BaMCo (Llama 3.2 1B)", ("mean_open_closed_accuracy",))}
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
@@ -41,7 +41,13 @@ def read_summary(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary of a run (run `medvqa reproduce ... --results {folder}` first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a complete summary ({error}); run `medvqa reproduce ... --results {folder}` again") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("chapters"), list):
+        raise ValueError(f"{path}: not a summary of `medvqa reproduce` (no 'chapters' list)")
+    return summary
 
 
 def results_rows(label: str, folder: str | Path, reported: Sequence[dict[str, str]] = ()) -> list[dict[str, Any]]:
@@ -49,10 +55,11 @@ def results_rows(label: str, folder: str | Path, reported: Sequence[dict[str, st
     summary = read_summary(folder)
     rows = []
     for run in summary.get("chapters", []):
-        if run.get("chapter") not in VQA_CHAPTERS:
+        number = str(run.get("chapter", "")).split("_", 1)[0]
+        if number not in VQA_CHAPTERS:
             continue
         m = run.get("metrics", {}).get("metrics", {})
-        paper = VQA_CHAPTERS[run["chapter"]]
+        paper = VQA_CHAPTERS[number]
         paired = m.get("paired", {})
         rows.append({"run": label, "profile": summary.get("profile"), "chapter": run["chapter"], "method": paper,
                      "dataset": m.get("dataset", "?"), "status": run.get("status"), "seconds": run.get("seconds"),
