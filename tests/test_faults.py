@@ -17,20 +17,14 @@ from medvqa.data.readers import DatasetError, load_slake
 from medvqa.models.registry import UnreadableWeightsError, read_weights
 from medvqa.runner.cli import main
 from medvqa.training import TrainConfig
+from notebook_helpers import tiny_chapter as write_chapter
 
 CLI = [sys.executable, "-c", "import sys; from medvqa.runner.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def tiny_chapter(folder: Path, name: str, body: str, parameters: str = 'profile = "smoke"\nmetrics_path = ""') -> Path:
-    """A chapter notebook with a parameters cell and one cell of `body`."""
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell(parameters)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(body)]
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                   "language_info": {"name": "python"}}
-    folder.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(folder / f"{name}.ipynb"))
+    """A chapter notebook `folder/name.ipynb` with a parameters cell and one cell of `body`; returns the folder."""
+    write_chapter(folder / f"{name}.ipynb", body, parameters)
     return folder
 
 

@@ -14,16 +14,10 @@ import medvqa.runner.plan as runner_plan
 import medvqa.runner.reproduce as rep
 import medvqa.runner.results as runner_results
 from medvqa.core import PROFILES, load_profile, project_root
+from notebook_helpers import tiny_chapter
 
 
-def _chapter(path: Path, body: str, params: str = 'profile = "smoke"\nmetrics_path = ""\nsteps = 2') -> None:
-    nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                   "language_info": {"name": "python"}}
-    nbformat.write(nb, str(path))
+_chapter = tiny_chapter
 
 
 WRITE = "import json\njson.dump({'metrics': {'steps': steps}, 'results': [{'paper': 'CMDPI', 'dataset': 'slake', " \

@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command(args)
     except RunInterrupted as stop:
         done = sum(r.status == "passed" for r in stop.runs)
-        print(f"medvqa reproduce: {stop}; {done} chapters finished, the summary is {stop.summary}", file=sys.stderr)
+        print(f"medvqa reproduce: {stop}; {done} chapter{'' if done == 1 else 's'} finished, the summary is {stop.summary}",
+              file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:  # Ctrl-C outside a run (while checking values, writing a table)
         print(f"medvqa {args.command}: interrupted", file=sys.stderr)
