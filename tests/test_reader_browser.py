@@ -324,18 +324,18 @@ def test_the_book_opens_page_by_page_with_every_figure(book, browser):
         timings["index (s)"] = round(time.perf_counter() - t0, 2)
         SHOTS.mkdir(parents=True, exist_ok=True)
         full_page_shot(page, SHOTS / "book-index.png")
-        links = page.eval_on_selector_all("li a", "els => els.map(e => e.getAttribute('href'))")
+        links = page.eval_on_selector_all("ol.chapters li a, ul.infrastructure li a", "els => els.map(e => e.getAttribute('href'))")
         chapters = sorted(p.stem for p in book["results"].glob("*.ipynb"))
         infrastructure = [c for c in chapters if c.split("_", 1)[-1].split(".")[0] in runner_book.INFRASTRUCTURE]
         assert infrastructure == ["00_core", "00a_training", "00b_diagrams"]  # listed apart, after the teaching chapters
         assert links == [f"{c}.html" for c in chapters if c not in infrastructure] + [f"{c}.html" for c in infrastructure]
-        assert page.eval_on_selector_all("ul li a", "els => els.length") == len(infrastructure)
+        assert page.eval_on_selector_all("ul.infrastructure li a", "els => els.length") == len(infrastructure)
         for href in links:
             chapter = href[:-len(".html")]
             executed = nbformat.read(book["results"] / f"{chapter}.ipynb", as_version=4)
             figures = sum("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
             t1 = time.perf_counter()
-            page.click(f"li a[href='{href}']")
+            page.click(f"ol.chapters li a[href='{href}'], ul.infrastructure li a[href='{href}']")
             page.wait_for_load_state("load")
             timings[chapter] = round(time.perf_counter() - t1, 2)
             assert page.url.endswith(href)

@@ -93,7 +93,7 @@ def _require(raw: dict, name: str, file: Path, record: Any) -> Any:
         raise DatasetError(file, "required field is missing", record, name)
     value = raw[name]
     if name in TEXT_FIELDS and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-        shown = json.dumps(value, ensure_ascii=False)
+        shown = json.dumps(value, ensure_ascii=False, default=repr)  # a pickle's bytes or numpy values too
         raise DatasetError(file, f"expected text, found a JSON {type(value).__name__} {shown[:60]}{'…' if len(shown) > 60 else ''}",
                            record, name)
     return value

@@ -51,7 +51,8 @@ def load_open_clip(spec: ModelSpec, local_dir: str | Path | None = None) -> tupl
                 model, tokenizer = open_clip.create_model(ident, pretrained=None), open_clip.get_tokenizer(ident)
             return model.eval(), tokenizer, model.visual.preprocess_cfg
     with quiet_weight_loading() if local_dir is not None else nullcontext():  # a local copy: no "Loading weights" bar
-        model = read_weights(local_dir or ident, lambda: open_clip.create_model(ident, pretrained=None))
+        create = lambda: open_clip.create_model(ident, pretrained=None)  # noqa: E731
+        model = read_weights(local_dir, create) if local_dir is not None else create()  # a download error is not a file's
     tokenizer = open_clip.get_tokenizer(ident)
     return model.eval(), tokenizer, model.visual.preprocess_cfg
 

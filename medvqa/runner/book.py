@@ -60,7 +60,7 @@ def build_book(results: str | Path, out: str | Path, readme: str | Path | None =
     from nbconvert import HTMLExporter
     from nbconvert.filters import markdown2html
     results, out = Path(results), Path(out)
-    notebooks = sorted(results.glob("*.ipynb"))
+    notebooks = sorted(p for p in results.glob("*.ipynb") if not p.name.endswith(".interrupted.ipynb"))  # partial copies
     if not notebooks:
         raise FileNotFoundError(f"{results}: no executed notebooks; run `medvqa reproduce --results {results}` first")
     summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
@@ -85,11 +85,12 @@ def build_book(results: str | Path, out: str | Path, readme: str | Path | None =
             links[group].append(f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a>: {html.escape(_title(notebook))}'
                          f' ({figures} figure{"" if figures == 1 else "s"}{", " + status[path.stem] if status.get(path.stem) else ""})</li>')
         intro = markdown2html(readme.read_text(encoding="utf-8")) if readme.is_file() else ""
-        infrastructure = ("<h2>Infrastructure: profiles, the training loop, diagrams</h2>\n<ul>\n"
+        infrastructure = ("<h2>Infrastructure: profiles, the training loop, diagrams</h2>\n<ul class='infrastructure'>\n"
                           + "\n".join(links["infrastructure"]) + "\n</ul>\n") if links["infrastructure"] else ""
         (tmp / "index.html").write_text(
             "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>medvqa</title>\n"
             f"<style>{INDEX_STYLE}</style></head><body>\n"
-            f"<h1>medvqa: the executed chapters ({html.escape(results.name)})</h1>\n<ol>\n" + "\n".join(links["chapters"]) + "\n</ol>\n"
+            f"<h1>medvqa: the executed chapters ({html.escape(results.name)})</h1>\n<ol class='chapters'>\n"
+            + "\n".join(links["chapters"]) + "\n</ol>\n"
             + infrastructure + f"<hr>\n{intro}\n</body></html>\n", encoding="utf-8")
     return [out / "index.html"] + [out / f"{p.stem}.html" for p in notebooks]

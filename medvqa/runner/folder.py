@@ -77,10 +77,10 @@ def results_lock(out_dir: Path):
         yield path
 
 # %% ../../nbs/90a_runner.folder.ipynb #f011
-def earlier_runs(out_dir: Path, profile: str, names: Sequence[str], chapters: Sequence[str]) -> list[ChapterRun]:
-    """The chapters an earlier run recorded in `out_dir/summary.json` that this run does not repeat and that are still
-    `chapters` (kept in the new summary with their own date); a summary of another profile or one that cannot be read
-    is a ValueError naming it."""
+def earlier_runs(out_dir: Path, profile: str, chapters: Sequence[str]) -> list[ChapterRun]:
+    """The chapters an earlier run recorded in `out_dir/summary.json` that are still `chapters`: the new summary keeps
+    each row, with its date, until this run records that chapter again (a run stopped half-way loses none). A summary
+    of another profile or one that cannot be read is a ValueError naming it."""
     path = out_dir / "summary.json"
     if not path.is_file():
         return []
@@ -92,7 +92,7 @@ def earlier_runs(out_dir: Path, profile: str, names: Sequence[str], chapters: Se
                          f"choose another --results") from None
     if summary.get("profile") != profile:
         raise ValueError(f"{path}: holds a run of profile {summary.get('profile')!r}, not {profile!r}; choose another --results")
-    return [r for r in rows if r.chapter not in names and r.chapter in chapters]
+    return [r for r in rows if r.chapter in chapters]
 
 # %% ../../nbs/90a_runner.folder.ipynb #f012
 def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,

@@ -24,7 +24,7 @@ from ..models.registry import model_availability, MODELS
 from .folder import ChapterRun, earlier_runs, results_folder, results_lock, write_summary
 
 # %% auto #0
-__all__ = ['RUNNER_CHAPTER', 'RUNNER_PACKAGE', 'KERNELS', 'KERNEL_ARGUMENTS', 'CHAPTER_NEEDS', 'chapter_module',
+__all__ = ['RUNNER_CHAPTER', 'RUNNER_PACKAGE', 'KERNELS', 'STOPPING', 'KERNEL_ARGUMENTS', 'CHAPTER_NEEDS', 'chapter_module',
            'is_runner_notebook', 'list_chapters', 'runner_notebooks', 'notebook_parameters', 'resolve_chapters',
            'chapter_parameters', 'check_overrides', 'parameter_types', 'declared_checks', 'validate_chapter_values',
            'injected_names', 'check_executed', 'fold_streams', 'RunInterrupted', 'stop_kernels', 'run_chapter',
@@ -214,6 +214,7 @@ class RunInterrupted(Exception):
 
 
 KERNELS: set = set()  # the kernel managers of the chapters running now (Ctrl-C shuts them down)
+STOPPING = threading.Event()  # set by Ctrl-C / SIGTERM: no kernel starts any more, those alive are killed
 
 
 def _tracked_kernel_manager(env: dict[str, str]):
@@ -227,6 +228,8 @@ def _tracked_kernel_manager(env: dict[str, str]):
             KERNELS.add(self)
 
         async def start_kernel(self, **kw: Any) -> None:
+            if STOPPING.is_set():  # the run is being stopped: a chapter waiting to start does not start
+                raise RuntimeError("the run was stopped before this chapter's kernel started")
             kw["env"] = {**os.environ, **(kw.get("env") or {}), **env}
             return await super().start_kernel(**kw)
 
@@ -234,12 +237,18 @@ def _tracked_kernel_manager(env: dict[str, str]):
 
 
 def stop_kernels() -> int:
-    """Kill every running chapter's kernel process (the papermill thread then fails at once); returns how many."""
+    """Kill every started chapter kernel and its process group (the papermill thread then fails at once); a kernel
+    still starting is killed by the next call. Returns how many were killed."""
     stopped = 0
     for km in list(KERNELS):
         process = getattr(getattr(km, "provisioner", None), "process", None)
-        if process is not None and process.poll() is None:
-            process.kill()
+        if process is None:
+            continue  # not started yet: STOPPING keeps it from starting, or the next call kills it
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL) if os.name != "nt" else process.kill()  # own session: pgid = pid
+            except (ProcessLookupError, PermissionError):
+                process.kill()
             stopped += 1
         KERNELS.discard(km)
     return stopped
@@ -257,6 +266,7 @@ def run_chapter(notebook: Path, out_dir: Path, values: dict[str, Any], declared:
     import papermill
     out_nb, metrics_path = out_dir / f"{notebook.stem}.ipynb", Path(values.get("metrics_path", out_dir / f"{notebook.stem}.metrics.json"))
     metrics_path.unlink(missing_ok=True)
+    (out_dir / f"{notebook.stem}.interrupted.ipynb").unlink(missing_ok=True)  # an earlier stopped run's partial copy
     start = time.perf_counter()
     error = ""
     (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
@@ -395,7 +405,7 @@ def reproduce(profile: str = "smoke", chapters: Sequence[str] | None = None, ove
         raise ValueError("datasets that cannot be read (nothing was run):\n  " + "\n  ".join(broken))
     out_dir = results_folder(results_dir or project_root() / "results" / profile)  # chapters run with cwd=nbs/
     with results_lock(out_dir):
-        earlier = earlier_runs(out_dir, profile, names, list_chapters(nbs_dir))
+        earlier = earlier_runs(out_dir, profile, list_chapters(nbs_dir))
         return _run_chapters(names, declared, values_of, nbs_dir, out_dir, profile, kernel, timeout, jobs, earlier)
 
 
@@ -438,15 +448,23 @@ def _run_chapters(names: Sequence[str], declared: dict[str, Any], values_of: dic
             values["metrics_path"] = str(out_dir / f"{name}.metrics.json")
         return run_chapter(nbs_dir / f"{name}.ipynb", out_dir, values, declared[name], kernel, timeout)
 
-    def summarize() -> Path:
-        rows = sorted([*earlier, *finished.values()], key=lambda r: r.chapter)
+    def summarize() -> Path:  # earlier runs' rows stay until this run records the chapter again
+        rows = sorted([*(r for r in earlier if r.chapter not in finished), *finished.values()], key=lambda r: r.chapter)
         return write_summary(rows, out_dir, profile, wall_seconds=time.perf_counter() - started, jobs=jobs)
+
+    def stop_all() -> None:  # no kernel starts any more; kill those alive until every running chapter has returned
+        STOPPING.set()
+        while any(not f.done() for f in running):
+            stop_kernels()
+            wait(running, timeout=0.5)
+        pool.shutdown(wait=True, cancel_futures=True)
 
     started, finished = time.perf_counter(), {}
     pending, running = list(names), {}
+    STOPPING.clear()
     handlers = _stop_on_signals()
+    pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        pool = ThreadPoolExecutor(max_workers=jobs)
         try:
             while pending or running:
                 for name in [n for n in pending if all(m in finished for m in chapter_needs(n, names))][: jobs - len(running)]:
@@ -460,13 +478,18 @@ def _run_chapters(names: Sequence[str], declared: dict[str, Any], values_of: dic
                 summarize()
         except (KeyboardInterrupt, _Terminated) as stop:
             signum = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
-            stop_kernels()
-            pool.shutdown(wait=True, cancel_futures=True)  # each running chapter fails at once: its kernel is gone
+            _ignore_signals()  # a second Ctrl-C while the kernels stop must not cut the clean-up short
+            stop_all()
             for future, name in running.items():
                 finished[name] = _interrupted(future, name, out_dir, signum)
             raise RunInterrupted(signum, [finished[n] for n in names if n in finished], summarize()) from None
+        except BaseException:  # any other failure (a full disk while writing the summary): stop the chapters too
+            _ignore_signals()
+            stop_all()
+            raise
         pool.shutdown(wait=True)
     finally:
+        STOPPING.clear()
         _restore_signals(handlers)
         bar.close()
         for name, value in env_before.items():
@@ -488,7 +511,14 @@ def _stop_on_signals() -> dict[int, Any]:
 
     def terminated(signum, frame):
         raise _Terminated()
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated)}
+    return {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, terminated)}
+
+
+def _ignore_signals() -> None:
+    """While a stopped run cleans up (in the main thread): further Ctrl-C / SIGTERM are ignored."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _restore_signals(handlers: dict[int, Any]) -> None:
@@ -497,8 +527,14 @@ def _restore_signals(handlers: dict[int, Any]) -> None:
 
 
 def _interrupted(future: Any, name: str, out_dir: Path, signum: int) -> ChapterRun:
-    """The record of a chapter stopped half-way: its partial notebook kept as `<chapter>.interrupted.ipynb`."""
-    run = future.result() if future.done() and not future.cancelled() else None
+    """The record of a chapter stopped half-way: its partial notebook kept as `<chapter>.interrupted.ipynb`. A chapter
+    that passed while the run was stopping keeps its own record."""
+    try:
+        run = future.result() if future.done() and not future.cancelled() else None
+    except Exception:  # the chapter's thread failed as its kernel was killed
+        run = None
+    if run is not None and run.status == "passed":
+        return run
     partial = out_dir / f"{name}.ipynb"
     kept = out_dir / f"{name}.interrupted.ipynb"
     if partial.is_file():
