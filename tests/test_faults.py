@@ -127,8 +127,11 @@ def test_a_signal_stops_the_run_and_writes_the_summary(tmp_path, signum, code):
     nbs = tiny_chapter(tmp_path / "nbs", "01_quick", WRITES_METRICS)
     tiny_chapter(nbs, "02_slow", f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(600)")
     results = tmp_path / "results"
+    # as from a terminal: a background job (make, CI) may have inherited SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored; the runner here gets the default disposition, as when a user starts it
     process = subprocess.Popen(CLI + ["reproduce", "--nbs", str(nbs), "--results", str(results)], cwd=project_root(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not started.exists():  # 01 finished, 02's kernel runs its slow cell
