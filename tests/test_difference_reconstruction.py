@@ -295,3 +295,27 @@ def test_feature_cells_follow_the_same_partners_and_are_what_the_encoder_reads()
     assert predict_answers(model, data, answers) == [answers[k] for k in logits.argmax(1).tolist()]
     with pytest.raises(ValueError, match="no feature cells for images"):
         FineTuneData(records, images, vocab, answers, 8, cells={"0": cells["0"]})
+
+
+def test_the_blend_control_reconstructs_from_own_features_whatever_the_partner():
+    """`blend=False` keeps L_diff but rebuilds from the sample's own features (eps = 1): the partner changes nothing,
+    and L_diff equals the plain reconstruction; with the blend on, a different partner changes L_diff."""
+    model, vocab, answers, records, images = tiny_setup()
+    data = FineTuneData(records, images, vocab, answers, 8, {"0": ["1"], "1": ["0"]})
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]}
+    other = {**batch, "partner_patches": torch.rand_like(batch["partner_patches"])}
+    model.eval()
+    with torch.no_grad():
+        own = [finetune_loss(model, b, FineTuneWeights(mixup=False, blend=False))[1]["diff"] for b in (batch, other)]
+        torch.manual_seed(0)
+        blended = finetune_loss(model, batch, FineTuneWeights(mixup=False))[1]["diff"]
+        torch.manual_seed(0)
+        blended_other = finetune_loss(model, other, FineTuneWeights(mixup=False))[1]["diff"]
+        h_i, H_i, h_t, H_t = model.encode(batch["patches"], batch["tokens"])
+        text = batch["tokens"][:, 1:]
+        pad = text == WordVocabulary.PAD
+        out_i, out_t, _, _ = model.reconstruct(model.global_vector(h_i, h_t), H_i, H_t, pad)
+        real = ~pad & (text != WordVocabulary.ANS)
+        plain = (F.mse_loss(out_i, batch["patches"]) + F.cross_entropy(out_t[real], text[real])).item()
+    assert own[0] == own[1] and math.isclose(own[0], plain, rel_tol=1e-5)
+    assert not math.isclose(blended, blended_other, rel_tol=1e-6)

@@ -212,6 +212,7 @@ class FineTuneWeights:
     mix: float = 1.0  # weight of L_mix
     diff: float = 1.0  # weight of L_diff
     difference: bool = True  # blend with a similar image (CMDPI Eq. 8) and add L_diff (CMDPI Eq. 10)
+    blend: bool = True  # off (with difference on): L_diff rebuilds from the image's own features, eps = 1 (the control)
     mixup: bool = True  # head mixup (CMDPI Eq. 11-12); off: plain cross-entropy on h_D
 
 
@@ -223,7 +224,7 @@ def finetune_loss(model: CoRegularizedModel, batch: dict, weights: FineTuneWeigh
     padding = text == WordVocabulary.PAD
     h_i, H_i, h_t, H_t = model.encode(image_input(batch), tokens)  # CMDPI Eq. 1, unmasked
     h_f = model.global_vector(h_i, h_t)
-    if weights.difference:
+    if weights.difference and weights.blend:
         _, H_partner = model.image_encoder(image_input(batch, "partner_"))  # CMDPI Eq. 8: H_I_hat
         H_i = deviate(H_i, H_partner, torch.rand(len(patches)).to(patches.device))  # CMDPI Eq. 8: eps ~ U[0, 1]
     out_i, out_t, logits, h_d = model.reconstruct(h_f, H_i, H_t, padding)  # CMDPI Eq. 8-9: H_o^d and its heads

@@ -5,6 +5,7 @@
 # %% ../../nbs/90a_runner.folder.ipynb #f003
 from __future__ import annotations
 
+import csv
 import json
 import os
 from contextlib import contextmanager
@@ -13,11 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core import atomic_path, to_builtin, write_json
+from ..core import atomic_path, project_root, to_builtin, write_json
 from ..evaluation import paper_value, reported_results
 
 # %% auto #0
-__all__ = ['LOCK_FILE', 'ChapterRun', 'results_folder', 'results_lock', 'earlier_runs', 'write_summary']
+__all__ = ['LOCK_FILE', 'REFERENCE_SEEDS', 'BAND_MARGIN', 'ChapterRun', 'results_folder', 'results_lock', 'earlier_runs',
+           'headline_numbers', 'reference_rows', 'band_lines', 'read_reference', 'write_summary']
 
 # %% ../../nbs/90a_runner.folder.ipynb #f006
 @dataclass
@@ -94,11 +96,77 @@ def earlier_runs(out_dir: Path, profile: str, chapters: Sequence[str]) -> list[C
         raise ValueError(f"{path}: holds a run of profile {summary.get('profile')!r}, not {profile!r}; choose another --results")
     return [r for r in rows if r.chapter in chapters]
 
+# %% ../../nbs/90a_runner.folder.ipynb #band1
+REFERENCE_SEEDS = Path("papers") / "reference_seeds.csv"  # under the project root
+BAND_MARGIN = 0.005  # half a point around the reference seeds' range
+
+
+def headline_numbers(metrics: dict) -> dict[str, list[float]]:
+    """{number: per-seed values} of a chapter's metrics: its model's overall accuracy and each ablation variant's
+    accuracy seed by seed (`ablation_seeds`)."""
+    out = {}
+    if isinstance(metrics.get("overall"), (int, float)):
+        out["overall"] = [float(metrics["overall"])]
+    for variant, values in (metrics.get("ablation_seeds") or {}).items():
+        if isinstance(values, list) and values:
+            out[f"ablation: {variant}"] = [float(v) for v in values]
+    return out
+
+
+def reference_rows(chapters: Sequence[dict], profile: str) -> list[dict[str, Any]]:
+    """The rows of papers/reference_seeds.csv for one run's chapters (summary.json's `chapters`)."""
+    rows = []
+    for run in chapters:
+        metrics = (run.get("metrics") or {}).get("metrics", {})
+        for number, values in headline_numbers(metrics).items():
+            rows += [{"profile": profile, "dataset": metrics.get("dataset", "?"), "chapter": str(run["chapter"]).split("_", 1)[0],
+                      "number": number, "seed": k, "value": round(v, 6)} for k, v in enumerate(values)]
+    return rows
+
+
+def band_lines(chapters: Sequence[dict], profile: str, reference: Sequence[dict]) -> list[str]:
+    """Markdown lines: each headline number of the run beside the reference band of the same profile, dataset, chapter
+    and number (none when the reference has no such rows)."""
+    bands: dict[tuple, list[float]] = {}
+    for row in reference:
+        if row["profile"] == profile:
+            bands.setdefault((row["dataset"], row["chapter"], row["number"]), []).append(float(row["value"]))
+    found = []
+    for row_set in [reference_rows([run], profile) for run in chapters]:
+        values: dict[tuple, list[float]] = {}
+        for row in row_set:
+            values.setdefault((row["dataset"], row["chapter"], row["number"]), []).append(row["value"])
+        for key, vals in values.items():
+            if key in bands:
+                low, high = min(bands[key]) - BAND_MARGIN, max(bands[key]) + BAND_MARGIN
+                mean = sum(vals) / len(vals)
+                found.append((key, mean, low, high, len(bands[key]), low <= mean <= high))
+    if not found:
+        return []
+    inside = sum(ok for *_, ok in found)
+    lines = [f"{inside} of {len(found)} headline numbers lie inside the reference runs' seed bands "
+             f"({REFERENCE_SEEDS.as_posix()}: the reference seeds' range ± {100 * BAND_MARGIN:.1f} points).", "",
+             "| chapter | dataset | number | this run (%) | reference band (%) | reference seeds | inside |", "| --- " * 7 + "|"]
+    lines += [f"| {c} | {d} | {n} | {100 * m:.1f} | {100 * lo:.1f} – {100 * hi:.1f} | {k} | {'yes' if ok else '**no**'} |"
+              for (d, c, n), m, lo, hi, k, ok in found]
+    return lines
+
+
+def read_reference(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a reference_seeds.csv ([] when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
 # %% ../../nbs/90a_runner.folder.ipynb #f012
 def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
-                  reported_path: str | Path | None = None, wall_seconds: float | None = None, jobs: int = 1) -> Path:
+                  reported_path: str | Path | None = None, wall_seconds: float | None = None, jobs: int = 1,
+                  reference: Sequence[dict] | None = None) -> Path:
     """Write summary.json and summary.md for the runs so far; return the markdown path. `wall_seconds`: the run's
-    elapsed time so far (below the sum of the chapters' times when `jobs` > 1 ran them at once)."""
+    elapsed time so far (below the sum of the chapters' times when `jobs` > 1 ran them at once); `reference`: the rows of
+    papers/reference_seeds.csv (read from the project when None)."""
     try:
         reported = reported_results(reported_path)
     except FileNotFoundError:
@@ -129,6 +197,11 @@ def write_summary(runs: Sequence[ChapterRun], out_dir: Path, profile: str,
                          f"{paper_value(res, reported) or '—'} |")
     else:
         lines.append("No chapter run so far reports a number that the papers also report.")
+    if reference is None:
+        reference = read_reference(project_root() / REFERENCE_SEEDS)
+    bands = band_lines([to_builtin(r) for r in runs], profile, reference)
+    if bands:
+        lines += ["", "## Against the reference runs", "", *bands]
     path = out_dir / "summary.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -363,6 +363,8 @@ CHAPTER_NEEDS = {  # the chapters whose outputs (data, caches, checkpoints, pred
     "07_biod2c.gated_fusion": ("02e_models.lm", "02c_models.pretraining"),  # 02e: the SmolLM2 tokenizer it caches
     "08_bamco.knowledge_vqa": ("02e_models.lm", "04_bamco.balanced_contrastive"),
     "09_evaluation": ("06_cmdpi.difference_reconstruction", "07_biod2c.gated_fusion", "08_bamco.knowledge_vqa"),
+    "10_claims": ("04_bamco.balanced_contrastive", "05_cmdpi.coregularized", "06_cmdpi.difference_reconstruction",  # their effects
+                  "07_biod2c.gated_fusion", "08_bamco.knowledge_vqa"),
 }
 
 

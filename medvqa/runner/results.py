@@ -5,16 +5,22 @@
 # %% ../../nbs/91_runner.results.ipynb #n003
 from __future__ import annotations
 
+import csv
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..core import atomic_path
+from ..claims import VERDICTS, claim_rows, read_claims, verdict_text
+from .folder import REFERENCE_SEEDS, reference_rows
 from ..evaluation import effect_interval, effect_verdict, reported_results
 
 # %% auto #0
-__all__ = ['VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'read_summary', 'results_rows', 'results_table',
-           'results_reading', 'effects_markdown', 'replace_marked_section']
+__all__ = ['VQA_CHAPTERS', 'PAPER_HEADLINES', 'README_MARKERS', 'LEDGER_MARKERS', 'PER_TYPE_MARKERS', 'PAPER_FILES',
+           'read_summary', 'results_rows', 'results_table', 'results_reading', 'effects_markdown',
+           'replace_marked_section', 'run_effects', 'ledger_rows', 'ledger_markdown', 'write_ledger_csv',
+           'per_type_markdown', 'write_results']
 
 # %% ../../nbs/91_runner.results.ipynb #c020b
 VQA_CHAPTERS = {"06": "CMDPI", "07": "BioD2C", "08": "BaMCo"}  # by chapter number: run folders from before the rename count too
@@ -113,11 +119,14 @@ def results_reading(runs: dict[str, str | Path], reported_path: str | Path | Non
     return "\n".join(lines)
 
 
-def effects_markdown(runs: dict[str, str | Path]) -> str:
-    """A markdown table of every chapter's seeded ablation effects (metrics 'effects') in several run folders."""
+def effects_markdown(runs: dict[str, str | Path], chapters: Sequence[str] | None = None) -> str:
+    """A markdown table of every chapter's seeded ablation effects (metrics 'effects') in several run folders (of the
+    chapters numbered in `chapters`, or all)."""
     lines = ["| run | chapter | comparison | difference, points [95 % CI] | seeds × questions | reading |", "| --- " * 6 + "|"]
     for label, folder in runs.items():
         for run in read_summary(folder).get("chapters", []):
+            if chapters is not None and str(run.get("chapter", "")).split("_", 1)[0] not in chapters:
+                continue
             for e in run.get("metrics", {}).get("metrics", {}).get("effects", []):
                 reading = effect_verdict(e, short=True)  # medvqa.evaluation
                 lines.append(f"| {label} | {run['chapter'].split('_')[0]} | {e['comparison']} | {100 * e['difference']:+.1f} "
@@ -139,3 +148,114 @@ def replace_marked_section(readme: str | Path, table: str, note: str = "", marke
     with atomic_path(readme) as tmp:
         tmp.write_text(before + start + body + end + after, encoding="utf-8")
     return readme
+
+# %% ../../nbs/91_runner.results.ipynb #ledger1
+LEDGER_MARKERS = ("<!-- ledger:start -->", "<!-- ledger:end -->")
+PER_TYPE_MARKERS = ("<!-- per-type:start -->", "<!-- per-type:end -->")
+
+
+def run_effects(folder: str | Path) -> dict[str, list[dict]]:
+    """{chapter number: effects on all questions + on subsets} of every chapter recorded in a run folder."""
+    out = {}
+    for run in read_summary(folder).get("chapters", []):
+        m = run.get("metrics", {}).get("metrics", {})
+        if m.get("effects") or m.get("subset_effects"):
+            out[str(run.get("chapter", "")).split("_", 1)[0]] = list(m.get("effects", [])) + list(m.get("subset_effects", []))
+    return out
+
+
+def ledger_rows(runs: dict[str, str | Path], claims_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per claim and run ({label: folder}): the claim, our effect on its subset and the verdict."""
+    claims = read_claims(claims_path)
+    return [{"run": label, **row} for label, folder in runs.items() for row in claim_rows(claims, run_effects(folder))]
+
+
+def _cell(row: dict) -> str:
+    if row["difference"] is None:
+        return verdict_text(row)
+    detectable = "" if row["detectable"] is None else f"; detectable {row['detectable']:.1f}"
+    return f"{row['difference']:+.1f} {row['interval']}{detectable}: **{verdict_text(row)}**"
+
+
+def ledger_markdown(rows: Sequence[dict], paper: str | None = None) -> str:
+    """The ledger as one Markdown table (claims of `paper`, or all): claim, the paper's effect, one column per run, and
+    the verdict counts per run under it."""
+    rows = [r for r in rows if paper is None or r["paper"] == paper]
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    by_claim: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_claim.setdefault(r["id"], {})[r["run"]] = r
+    lines = ["| claim | source | subset | paper (points) | " + " | ".join(runs) + " |", "| --- " * (4 + len(runs)) + "|"]
+    for claim_id, cells in by_claim.items():
+        first = next(iter(cells.values()))
+        paper_cell = f"{first['paper_effect']:+.2f}" if first["paper_effect"] is not None else first["given"]
+        lines.append(f"| {claim_id} {first['claim']} | {first['paper']} {first['source']} | {first['subset']} | {paper_cell} | "
+                     + " | ".join(_cell(cells[run]) if run in cells else "—" for run in runs) + " |")
+    counts = []
+    for run in runs:
+        verdicts = Counter(r["verdict"] for r in rows if r["run"] == run)
+        counts.append(f"- **{run}**: " + "; ".join(f"{verdicts[v]} {v}" for v in (*VERDICTS, "not testable here") if verdicts[v]))
+    return "\n".join(lines + [""] + counts)
+
+
+def write_ledger_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """The ledger's rows as CSV (numbers in points), atomically."""
+    fields = ("run", "id", "paper", "source", "claim", "subset", "paper_effect", "given", "difference", "interval", "seeds",
+              "detectable", "verdict", "seeds_needed")
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    return Path(path)
+
+
+def per_type_markdown(runs: dict[str, str | Path], paper: str | None = None) -> str:
+    """Accuracy by question type, open / closed and overall of every VQA chapter (of `paper`, or all) in the runs, beside
+    question-only, blank-image, shuffled-image and majority answers, with counts (metrics 'per_type')."""
+    blocks = []
+    for label, folder in runs.items():
+        for run in read_summary(folder).get("chapters", []):
+            number = str(run.get("chapter", "")).split("_", 1)[0]
+            m = run.get("metrics", {}).get("metrics", {})
+            if number not in VQA_CHAPTERS or (paper and VQA_CHAPTERS[number] != paper) or not m.get("per_type"):
+                continue
+            rows = [r for r in m["per_type"] if not str(r["subset"]).startswith("organ: ")]
+            systems = [k for k in rows[0] if k not in ("subset", "questions")]
+            lines = [f"**{label}, chapter {number} {VQA_CHAPTERS[number]}** ({m.get('dataset', '?')}, strict accuracy %)", "",
+                     "| subset | questions | " + " | ".join(systems) + " |", "| --- " * (2 + len(systems)) + "|"]
+            lines += [f"| {r['subset']} | {r['questions']} | " + " | ".join(f"{r[s]:.1f}" for s in systems) + " |" for r in rows]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+PAPER_FILES = {"BaMCo": ("bamco.md", ("04", "08")), "CMDPI": ("cmdpi.md", ("05", "06")), "BioD2C": ("biod2c.md", ("07",))}
+
+
+def write_results(runs: dict[str, str | Path], readme: str | Path, note: str, papers: str | Path | None = None) -> list[Path]:
+    """Write what the runs say: the README's results table and the whole claims ledger; each `papers/<paper>.md` its
+    claims, its VQA chapters' tables by question type and its ablation effects; `papers/claims_ledger.csv`; the runs'
+    per-seed headline numbers as `papers/reference_seeds.csv` (the bands `medvqa reproduce` checks a run against)."""
+    papers = Path(papers or Path(readme).parent / "papers")
+    rows = ledger_rows(runs)
+    table = results_table(runs) + "\n\n" + results_reading(runs)
+    written = [replace_marked_section(readme, table, note),
+               replace_marked_section(readme, ledger_markdown(rows), note, LEDGER_MARKERS)]
+    for paper, (name, chapters) in PAPER_FILES.items():
+        path = papers / name
+        body = ledger_markdown(rows, paper)
+        per_type = per_type_markdown(runs, paper)
+        effects = effects_markdown(runs, chapters)
+        body += ("\n\n### By question type\n\n" + per_type) if per_type else ""
+        body += ("\n\n### Every ablation effect (paired difference \"full − variant\", pooled over seeds)\n\n" + effects) if effects else ""
+        written.append(replace_marked_section(path, body, note, LEDGER_MARKERS))
+    written.append(write_ledger_csv(rows, papers / "claims_ledger.csv"))
+    seeds = [row for folder in runs.values() for row in reference_rows(read_summary(folder)["chapters"], read_summary(folder)["profile"])]
+    with atomic_path(papers / REFERENCE_SEEDS.name) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=("profile", "dataset", "chapter", "number", "seed", "value"), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(seeds)
+    written.append(papers / REFERENCE_SEEDS.name)
+    return written
