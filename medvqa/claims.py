@@ -89,14 +89,18 @@ def shuffled_images(records: Sequence, seed: int = 0) -> dict[str, str]:
     return out
 
 
-def per_type_table(records: Sequence, predictions: dict[str, Sequence[str]], mode: str = "strict") -> pd.DataFrame:
+def per_type_table(records: Sequence, predictions: dict[str, Sequence[str]], mode: str = "strict",
+                   flag: tuple[str, ...] = ()) -> pd.DataFrame:
     """Accuracy (%) of each system on every subset of `question_subsets` (all, open, closed, each question type, each
-    organ), with the number of questions: the model beside its baselines, where each wins and loses."""
+    organ), with the number of questions: the model beside its baselines, where each wins and loses. `flag`: (model,
+    baseline, ...): a column 'below' names the baselines the model scores under on each subset."""
     scores = {name: question_scores(records, answers, mode) for name, answers in predictions.items()}
     rows = []
     for subset, index in question_subsets(records).items():
-        rows.append({"subset": subset, "questions": len(index),
-                     **{name: round(100 * float(s[index].mean()), 1) for name, s in scores.items()}})
+        row = {"subset": subset, "questions": len(index), **{name: round(100 * float(s[index].mean()), 1) for name, s in scores.items()}}
+        if flag:
+            row["below"] = ", ".join(b for b in flag[1:] if row[flag[0]] < row[b]) or "—"
+        rows.append(row)
     return pd.DataFrame(rows).set_index("subset")
 
 # %% ../nbs/10_claims.ipynb #c016
@@ -244,6 +248,8 @@ def claim_rows(claims: Sequence[dict], effects: dict[str, Sequence[dict]]) -> li
                      "difference": None if effect is None else 100 * effect["difference"],
                      "interval": None if effect is None else effect_interval(effect),
                      "seeds": None if effect is None else effect.get("seeds"),
+                     "questions": None if effect is None else effect.get("questions"),
+                     "question_set": None if effect is None else effect.get("question_set", "test"),
                      "detectable": None if verdict["detectable"] is None else 100 * verdict["detectable"],
                      "verdict": verdict["verdict"], "seeds_needed": verdict["seeds_needed"], "note": claim.get("note", "")})
     return rows

@@ -119,6 +119,8 @@ def test_per_type_table_counts_and_scores():
     table = per_type_table(recs, {"model": ["a", "b", "a", "a"], "other": ["b"] * 4})
     assert table.loc["type: Position", "questions"] == 2 and table.loc["type: Position", "model"] == 100.0
     assert table.loc["all", "model"] == 75.0 and table.loc["all", "other"] == 0.0
+    flagged = per_type_table(recs, {"model": ["b", "b", "a", "a"], "other": ["a", "b", "a", "b"]}, flag=("model", "other"))
+    assert flagged.loc["type: Position", "below"] == "other" and flagged.loc["type: Organ", "below"] == "—"
 
 
 def test_per_type_counts_match_the_official_slake_file(shared_data):

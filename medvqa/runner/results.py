@@ -160,7 +160,8 @@ def run_effects(folder: str | Path) -> dict[str, list[dict]]:
     for run in read_summary(folder).get("chapters", []):
         m = run.get("metrics", {}).get("metrics", {})
         if m.get("effects") or m.get("subset_effects"):
-            out[str(run.get("chapter", "")).split("_", 1)[0]] = list(m.get("effects", [])) + list(m.get("subset_effects", []))
+            # the subsets first: where a chapter scored a second question set, its claims read both sets
+            out[str(run.get("chapter", "")).split("_", 1)[0]] = list(m.get("subset_effects", [])) + list(m.get("effects", []))
     return out
 
 
@@ -174,7 +175,8 @@ def _cell(row: dict) -> str:
     if row["difference"] is None:
         return verdict_text(row)
     detectable = "" if row["detectable"] is None else f"; detectable {row['detectable']:.1f}"
-    return f"{row['difference']:+.1f} {row['interval']}{detectable}: **{verdict_text(row)}**"
+    size = f" ({row['seeds']} × {row['questions']} q{', ' + row['question_set'] if row.get('question_set') else ''})" if row.get("questions") else ""
+    return f"{row['difference']:+.1f} {row['interval']}{detectable}{size}: **{verdict_text(row)}**"
 
 
 def ledger_markdown(rows: Sequence[dict], paper: str | None = None) -> str:
@@ -225,7 +227,8 @@ def per_type_markdown(runs: dict[str, str | Path], paper: str | None = None) -> 
             systems = [k for k in rows[0] if k not in ("subset", "questions")]
             lines = [f"**{label}, chapter {number} {VQA_CHAPTERS[number]}** ({m.get('dataset', '?')}, strict accuracy %)", "",
                      "| subset | questions | " + " | ".join(systems) + " |", "| --- " * (2 + len(systems)) + "|"]
-            lines += [f"| {r['subset']} | {r['questions']} | " + " | ".join(f"{r[s]:.1f}" for s in systems) + " |" for r in rows]
+            cell = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
+            lines += [f"| {r['subset']} | {r['questions']} | " + " | ".join(cell(r[s]) for s in systems) + " |" for r in rows]
             blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -240,10 +243,15 @@ def write_results(runs: dict[str, str | Path], readme: str | Path, note: str, pa
     papers = Path(papers or Path(readme).parent / "papers")
     rows = ledger_rows(runs)
     table = results_table(runs) + "\n\n" + results_reading(runs)
-    written = [replace_marked_section(readme, table, note),
-               replace_marked_section(readme, ledger_markdown(rows), note, LEDGER_MARKERS)]
+    written = [replace_marked_section(readme, table, note)]
+    if LEDGER_MARKERS[0] in Path(readme).read_text(encoding="utf-8"):  # a README without a ledger section keeps none
+        written.append(replace_marked_section(readme, ledger_markdown(rows), note, LEDGER_MARKERS))
+    if not papers.is_dir():
+        return written
     for paper, (name, chapters) in PAPER_FILES.items():
         path = papers / name
+        if not path.is_file():
+            continue
         body = ledger_markdown(rows, paper)
         per_type = per_type_markdown(runs, paper)
         effects = effects_markdown(runs, chapters)
