@@ -20,10 +20,10 @@ from .data.readers import ANSWER_TYPES
 from .evaluation import ablation_effects, effect_interval, question_scores
 
 # %% auto #0
-__all__ = ['QUESTION_TYPE_NAMES', 'VERDICTS', 'CLAIM_FIELDS', 'GIVEN', 'CLAIM_CHAPTERS', 'question_types', 'question_subsets',
-           'subset_effects', 'shuffled_images', 'per_type_table', 'seeds_needed', 'claim_verdict', 'contrast_effect',
-           'read_claims', 'find_effect', 'claim_rows', 'verdict_text', 'claims_reading', 'save_effects', 'load_effects',
-           'chapter_claims_lines']
+__all__ = ['QUESTION_TYPE_NAMES', 'BODY_REGIONS', 'VERDICTS', 'CLAIM_CHAPTERS', 'CLAIM_FIELDS', 'GIVEN', 'question_types',
+           'question_subsets', 'subset_effects', 'shuffled_images', 'per_type_table', 'seed_projection', 'seeds_needed',
+           'claim_verdict', 'contrast_effect', 'read_claims', 'find_effect', 'claim_rows', 'verdict_text',
+           'claims_reading', 'save_effects', 'load_effects', 'chapter_claims_lines']
 
 # %% ../nbs/10_claims.ipynb #c008
 # SLAKE's content types and VQA-RAD's question types under one set of names (VQA-RAD's code in the comment)
@@ -38,16 +38,25 @@ def question_types(record) -> list[str]:
     return [QUESTION_TYPE_NAMES.get(part.upper(), part) for part in raw] or ["unknown"]
 
 
+# the body regions of CMDPI's Fig. 10 (VQA-RAD's organs), over SLAKE's and the built-in data's locations
+BODY_REGIONS = {"head": ("HEAD", "Brain", "Brain_Tissue", "Brain_Face"), "chest": ("CHEST", "Chest", "Lung", "Chest_mediastinal", "Chest_heart", "Chest_lung"),
+                "abdomen": ("ABD", "Abdomen", "Pelvic Cavity")}
+
+
 def question_subsets(records: Sequence, min_questions: int = 1) -> dict[str, list[int]]:
-    """{subset: indices of records}: 'all', 'open', 'closed', 'type: <name>' (a question with two types is in both)
-    and 'organ: <name>', each kept when it holds at least `min_questions` questions."""
+    """{subset: indices of records}: 'all', 'open', 'closed', 'type: <name>' (a question with two types is in both),
+    'organ: <name>' as the dataset writes it and 'region: head | chest | abdomen' (`BODY_REGIONS`), each kept when it
+    holds at least `min_questions` questions."""
     subsets: dict[str, list[int]] = {"all": list(range(len(records)))}
     for kind in ANSWER_TYPES:
         subsets[kind] = [i for i, r in enumerate(records) if r.answer_type == kind]
+    region_of = {organ: region for region, organs in BODY_REGIONS.items() for organ in organs}
     for i, r in enumerate(records):
         for name in question_types(r):
             subsets.setdefault(f"type: {name}", []).append(i)
         subsets.setdefault(f"organ: {r.organ or 'unknown'}", []).append(i)
+        if r.organ in region_of:
+            subsets.setdefault(f"region: {region_of[r.organ]}", []).append(i)
     return {name: rows for name, rows in subsets.items() if len(rows) >= min_questions}
 
 
@@ -113,23 +122,29 @@ def _standard_error(effect: dict) -> float:
     return effect["detectable"] / 2.8
 
 
-def seeds_needed(effect: dict, target: float, most: int = 1000) -> int | None:
-    """Training seeds that would make `target` (a difference, same units as the effect) detectable at the observed
-    variance. The variance of the pooled difference has a part that more seeds shrink (seed-to-seed spread of the per-seed
-    differences) and a part they do not (which test questions there are); None when the second part alone is too large,
-    when one seed gives no spread to read, or when more than `most` seeds would be needed."""
+def seed_projection(effect: dict, target: float, most: int = 1000) -> tuple[int | None, str]:
+    """(training seeds that would make `target` detectable at the observed variance, or None; why). The bootstrap's
+    variance of the pooled difference has a part that more seeds shrink (it resamples seeds: var(per-seed, ddof=0) / S)
+    and a part they do not (which test questions there are). A rough projection: it takes the per-seed spread as the
+    seeds' whole share and assumes it scales as 1 / seeds."""
     per_seed = np.asarray(effect.get("per_seed", []), dtype=float)
     seeds = len(per_seed)
-    if seeds < 2 or target <= 0:
-        return None
+    if seeds < 2:
+        return None, "one seed: no spread to read"
+    if target <= 0:
+        return None, "no effect to detect"
     total = _standard_error(effect) ** 2
-    spread = float(per_seed.var(ddof=1))
-    fixed = max(total - spread / seeds, 0.0)  # the questions' part
+    fixed = max(total - float(per_seed.var(ddof=0)) / seeds, 0.0)  # the questions' part
     room = (target / 2.8) ** 2 - fixed
     if room <= 0:
-        return None
-    needed = max(seeds, math.ceil(spread / room))
-    return needed if needed <= most else None
+        return None, "more test questions, not seeds"
+    needed = max(seeds + 1, math.ceil(float(per_seed.var(ddof=1)) / room))
+    return (needed, f"≈ {needed} seeds") if needed <= most else (None, f"more than {most} seeds")
+
+
+def seeds_needed(effect: dict, target: float, most: int = 1000) -> int | None:
+    """The seeds of `seed_projection`, or None when more seeds cannot make `target` detectable."""
+    return seed_projection(effect, target, most)[0]
 
 
 def claim_verdict(effect: dict | None, paper_effect: float | None, direction: int = 1) -> dict[str, Any]:
@@ -141,13 +156,13 @@ def claim_verdict(effect: dict | None, paper_effect: float | None, direction: in
     seeds that would make it, where more seeds can); direction only, not seen: no size to compare with; no change at all:
     every question scored the same (a zero-width interval bounds nothing)."""
     if effect is None:
-        return {"verdict": "not measured", "detectable": None, "seeds_needed": None}
+        return {"verdict": "not measured", "detectable": None, "seeds_needed": None, "seeds_note": ""}
     sign = float(direction)
     low, high = sign * effect["ci_low"], sign * effect["ci_high"]
     if low > high:
         low, high = high, low
     detectable = effect["detectable"]
-    base = {"detectable": detectable, "seeds_needed": None}
+    base = {"detectable": detectable, "seeds_needed": None, "seeds_note": ""}
     if effect["ci_low"] == effect["ci_high"] == 0:
         return {**base, "verdict": "no change at all", "detectable": None}
     if low > 0:
@@ -158,7 +173,8 @@ def claim_verdict(effect: dict | None, paper_effect: float | None, direction: in
         return {**base, "verdict": "direction only, not seen"}
     if detectable <= abs(paper_effect):
         return {**base, "verdict": "not seen, with power"}
-    return {**base, "verdict": "not seen, underpowered", "seeds_needed": seeds_needed(effect, abs(paper_effect))}
+    needed, note = seed_projection(effect, abs(paper_effect))
+    return {**base, "verdict": "not seen, underpowered", "seeds_needed": needed, "seeds_note": note}
 
 
 def contrast_effect(first: dict, second: dict) -> dict:
@@ -168,11 +184,13 @@ def contrast_effect(first: dict, second: dict) -> dict:
     difference = first["difference"] - second["difference"]
     seeds = min(len(first.get("per_seed", [])), len(second.get("per_seed", [])))
     return {"difference": difference, "ci_low": difference - 1.96 * se, "ci_high": difference + 1.96 * se,
-            "detectable": 2.8 * se, "per_seed": [a - b for a, b in zip(first["per_seed"][:seeds], second["per_seed"][:seeds])],
+            "detectable": 2.8 * se, "per_seed": [a - b for a, b in zip(first.get("per_seed", [])[:seeds], second.get("per_seed", [])[:seeds])],
             "seeds": seeds, "questions": first.get("questions", 0) + second.get("questions", 0),
             "comparison": f"{first.get('comparison', '')} ({first.get('subset')} - {second.get('subset')})"}
 
 # %% ../nbs/10_claims.ipynb #c019
+CLAIM_CHAPTERS = {"04": "04_bamco.balanced_contrastive", "05": "05_cmdpi.coregularized", "06": "06_cmdpi.difference_reconstruction",
+                  "07": "07_biod2c.gated_fusion", "08": "08_bamco.knowledge_vqa"}  # the chapters that test claims, by number
 CLAIM_FIELDS = ("id", "paper", "source", "claim", "chapter", "comparison", "subset", "metric", "direction", "paper_effect",
                 "paper_numbers", "given", "note")
 GIVEN = ("text", "table", "figure", "direction")
@@ -207,6 +225,10 @@ def read_claims(path: str | Path | None = None) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {line}, field 'direction': {row['direction']!r}; '+' (the mechanism helps) or '-'")
         if effect is not None and (effect < 0) != (row["direction"] == "-"):
             raise ValueError(f"{path}, line {line}, field 'paper_effect': {effect} disagrees with direction {row['direction']!r}")
+        if effect == 0:
+            raise ValueError(f"{path}, line {line}, field 'paper_effect': 0 is no effect; leave it empty for a direction")
+        if row["chapter"] and row["chapter"] not in CLAIM_CHAPTERS:
+            raise ValueError(f"{path}, line {line}, field 'chapter': {row['chapter']!r} is not one of {', '.join(CLAIM_CHAPTERS)}")
         if row["given"] == "direction" and effect is not None:
             raise ValueError(f"{path}, line {line}, field 'paper_effect': a 'direction' claim carries no size")
         if row["chapter"] and not row["comparison"]:
@@ -251,17 +273,15 @@ def claim_rows(claims: Sequence[dict], effects: dict[str, Sequence[dict]]) -> li
                      "questions": None if effect is None else effect.get("questions"),
                      "question_set": None if effect is None else effect.get("question_set", "test"),
                      "detectable": None if verdict["detectable"] is None else 100 * verdict["detectable"],
-                     "verdict": verdict["verdict"], "seeds_needed": verdict["seeds_needed"], "note": claim.get("note", "")})
+                     "verdict": verdict["verdict"], "seeds_needed": verdict["seeds_needed"], "seeds_note": verdict["seeds_note"],
+                     "note": claim.get("note", "")})
     return rows
 
 
 def verdict_text(row: dict) -> str:
     """A verdict as a table cell: 'reproduced', 'not seen, underpowered (≈ 12 seeds)', ..."""
-    if row["verdict"] == "not seen, underpowered":
-        if row["seeds_needed"]:
-            return f"{row['verdict']} (≈ {row['seeds_needed']} seeds)"
-        return row["verdict"] + (" (one seed: no spread to read)" if (row.get("seeds") or 0) < 2 else
-                                 " (more test questions, not seeds)")
+    if row["verdict"] == "not seen, underpowered" and row.get("seeds_note"):
+        return f"{row['verdict']} ({row['seeds_note']})"
     return row["verdict"]
 
 
@@ -281,8 +301,7 @@ def claims_reading(rows: Sequence[dict], scale: str = "this run") -> list[str]:
     if groups["not seen, underpowered"]:
         lines.append("Not seen, and too small for this experiment to detect: " + "; ".join(
             f"{r['claim']} ({r['subset']}: paper {r['paper_effect']:+.2f}, detectable ≈ {r['detectable']:.1f}; "
-            + (f"≈ {r['seeds_needed']} seeds would detect it)" if r["seeds_needed"] else
-               "one seed gives no spread to read)" if (r.get("seeds") or 0) < 2 else "more seeds would not: it needs more test questions)")
+            + (f"≈ {r['seeds_needed']} seeds would detect it)" if r["seeds_needed"] else f"{r.get('seeds_note') or 'no projection'})")
             for r in groups["not seen, underpowered"]) + ".")
     if groups["direction only, not seen"]:
         lines.append("The paper gives only a direction, and the interval includes 0: " + "; ".join(
@@ -293,22 +312,28 @@ def claims_reading(rows: Sequence[dict], scale: str = "this run") -> list[str]:
     return lines
 
 # %% ../nbs/10_claims.ipynb #c020
-CLAIM_CHAPTERS = {"04": "04_bamco.balanced_contrastive", "05": "05_cmdpi.coregularized", "06": "06_cmdpi.difference_reconstruction",
-                  "07": "07_biod2c.gated_fusion", "08": "08_bamco.knowledge_vqa"}  # the chapters that test claims, by number
-
-
-def save_effects(chapter: str, profile: str, effects: Sequence[dict]) -> Path:
-    """A chapter's paired effects (on all questions and on its subsets) as `<run dir>/effects.json`, for the ledger."""
-    return write_json(run_dir(chapter, profile) / "effects.json", list(effects))
+def save_effects(chapter: str, profile: str, effects: Sequence[dict], dataset: str | None = None) -> Path:
+    """A chapter's paired effects (on all questions and on its subsets) as `<run dir>/effects.json`, with the dataset
+    they were measured on, for the ledger."""
+    return write_json(run_dir(chapter, profile) / "effects.json", {"dataset": dataset, "effects": list(effects)})
 
 
 def load_effects(profile: str, chapters: dict[str, str] = CLAIM_CHAPTERS) -> dict[str, list[dict]]:
-    """{chapter number: its effects} of the chapters that have saved them under this profile's run folder."""
-    out = {}
+    """{chapter number: its effects} of the chapters that have saved them under this profile's run folder; the run
+    folder is shared by every dataset of a profile, so effects measured on two datasets are an error naming both."""
+    out, datasets = {}, {}
     for number, chapter in chapters.items():
         path = run_dir(chapter, profile) / "effects.json"
         if path.is_file():
-            out[number] = json.loads(path.read_text(encoding="utf-8"))
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            saved = saved if isinstance(saved, dict) else {"dataset": None, "effects": saved}  # written before datasets were kept
+            out[number] = saved["effects"]
+            if saved.get("dataset"):
+                datasets[number] = saved["dataset"]
+    if len(set(datasets.values())) > 1:
+        raise ValueError(f"effects under profile {profile!r} come from different datasets ("
+                         + ", ".join(f"chapter {n}: {d}" for n, d in sorted(datasets.items()))
+                         + "): rerun chapters 04-08 on one dataset before this chapter")
     return out
 
 

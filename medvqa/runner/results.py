@@ -175,7 +175,9 @@ def _cell(row: dict) -> str:
     if row["difference"] is None:
         return verdict_text(row)
     detectable = "" if row["detectable"] is None else f"; detectable {row['detectable']:.1f}"
-    size = f" ({row['seeds']} × {row['questions']} q{', ' + row['question_set'] if row.get('question_set') else ''})" if row.get("questions") else ""
+    where = [row["question_set"]] if row.get("question_set") else []
+    where += [row["subset"]] if row.get("subset") and row["subset"] != "all" else []
+    size = f" ({row['seeds']} × {row['questions']} q{''.join(', ' + w for w in where)})" if row.get("questions") else ""
     return f"{row['difference']:+.1f} {row['interval']}{detectable}{size}: **{verdict_text(row)}**"
 
 
@@ -187,11 +189,13 @@ def ledger_markdown(rows: Sequence[dict], paper: str | None = None) -> str:
     by_claim: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_claim.setdefault(r["id"], {})[r["run"]] = r
+    claims = {c["id"]: c for c in read_claims()}
     lines = ["| claim | source | subset | paper (points) | " + " | ".join(runs) + " |", "| --- " * (4 + len(runs)) + "|"]
     for claim_id, cells in by_claim.items():
         first = next(iter(cells.values()))
         paper_cell = f"{first['paper_effect']:+.2f}" if first["paper_effect"] is not None else first["given"]
-        lines.append(f"| {claim_id} {first['claim']} | {first['paper']} {first['source']} | {first['subset']} | {paper_cell} | "
+        subset = claims[claim_id]["subset"] if claim_id in claims else first["subset"]  # as the ledger names it; each cell says which one it found
+        lines.append(f"| {claim_id} {first['claim']} | {first['paper']} {first['source']} | {subset} | {paper_cell} | "
                      + " | ".join(_cell(cells[run]) if run in cells else "—" for run in runs) + " |")
     counts = []
     for run in runs:
@@ -203,7 +207,7 @@ def ledger_markdown(rows: Sequence[dict], paper: str | None = None) -> str:
 def write_ledger_csv(rows: Sequence[dict], path: str | Path) -> Path:
     """The ledger's rows as CSV (numbers in points), atomically."""
     fields = ("run", "id", "paper", "source", "claim", "subset", "paper_effect", "given", "difference", "interval", "seeds",
-              "detectable", "verdict", "seeds_needed")
+              "questions", "question_set", "detectable", "verdict", "seeds_needed", "seeds_note")
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
@@ -243,6 +247,11 @@ def write_results(runs: dict[str, str | Path], readme: str | Path, note: str, pa
     papers = Path(papers or Path(readme).parent / "papers")
     rows = ledger_rows(runs)
     table = results_table(runs) + "\n\n" + results_reading(runs)
+    targets = [papers / name for name, _ in PAPER_FILES.values() if (papers / name).is_file()]
+    for path in targets:  # every file's markers before any file is written: no half-updated state
+        text = path.read_text(encoding="utf-8")
+        if text.count(LEDGER_MARKERS[0]) != 1 or text.count(LEDGER_MARKERS[1]) != 1:
+            raise ValueError(f"{path}: needs exactly one {LEDGER_MARKERS[0]} followed by one {LEDGER_MARKERS[1]}")
     written = [replace_marked_section(readme, table, note)]
     if LEDGER_MARKERS[0] in Path(readme).read_text(encoding="utf-8"):  # a README without a ledger section keeps none
         written.append(replace_marked_section(readme, ledger_markdown(rows), note, LEDGER_MARKERS))
@@ -250,7 +259,7 @@ def write_results(runs: dict[str, str | Path], readme: str | Path, note: str, pa
         return written
     for paper, (name, chapters) in PAPER_FILES.items():
         path = papers / name
-        if not path.is_file():
+        if path not in targets:
             continue
         body = ledger_markdown(rows, paper)
         per_type = per_type_markdown(runs, paper)
@@ -259,7 +268,8 @@ def write_results(runs: dict[str, str | Path], readme: str | Path, note: str, pa
         body += ("\n\n### Every ablation effect (paired difference \"full − variant\", pooled over seeds)\n\n" + effects) if effects else ""
         written.append(replace_marked_section(path, body, note, LEDGER_MARKERS))
     written.append(write_ledger_csv(rows, papers / "claims_ledger.csv"))
-    seeds = [row for folder in runs.values() for row in reference_rows(read_summary(folder)["chapters"], read_summary(folder)["profile"])]
+    summaries = [read_summary(folder) for folder in runs.values()]
+    seeds = [row for s in summaries for row in reference_rows(s["chapters"], str(s.get("profile", "?")))]
     with atomic_path(papers / REFERENCE_SEEDS.name) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=("profile", "dataset", "chapter", "number", "seed", "value"), lineterminator="\n")
