@@ -265,6 +265,9 @@ def claim_rows(claims: Sequence[dict], effects: dict[str, Sequence[dict]]) -> li
         verdict = claim_verdict(effect, paper, claim["sign"])
         if not claim["chapter"]:
             verdict["verdict"] = "not testable here"
+        elif effect is None:
+            ran = any(fnmatch.fnmatchcase(e["comparison"], claim["comparison"]) for e in effects.get(claim["chapter"], ()))
+            verdict["seeds_note"] = "no such questions in this dataset" if ran else f"chapter {claim['chapter']} did not run"
         rows.append({"id": claim["id"], "paper": claim["paper"], "source": claim["source"], "claim": claim["claim"],
                      "subset": claim["subset"] if effect is None else effect.get("subset", claim["subset"]), "paper_effect": claim["paper_effect"], "given": claim["given"],
                      "difference": None if effect is None else 100 * effect["difference"],
@@ -280,7 +283,7 @@ def claim_rows(claims: Sequence[dict], effects: dict[str, Sequence[dict]]) -> li
 
 def verdict_text(row: dict) -> str:
     """A verdict as a table cell: 'reproduced', 'not seen, underpowered (≈ 12 seeds)', ..."""
-    if row["verdict"] == "not seen, underpowered" and row.get("seeds_note"):
+    if row["verdict"] in ("not seen, underpowered", "not measured") and row.get("seeds_note"):
         return f"{row['verdict']} ({row['seeds_note']})"
     return row["verdict"]
 

@@ -37,7 +37,9 @@ def test_ledger_rows_read_verdicts_from_a_run(tmp_path):
     assert rows["C5"]["verdict"] == "opposite" and rows["C5"]["subset"] == "open"
     assert rows["C7"]["verdict"] == "opposite"  # open - closed: -3.0 - (+1.0)
     assert rows["B1"]["verdict"] == "not seen, underpowered"  # detectable ≈ 2.6 > 1.54
-    assert rows["D1"]["verdict"] == "not measured" and rows["C22"]["verdict"] == "not testable here"
+    assert rows["D1"]["verdict"] == "not measured" and rows["D1"]["seeds_note"] == "chapter 07 did not run"
+    assert rows["C22"]["verdict"] == "not testable here"
+    assert rows["C14"]["seeds_note"] == "no such questions in this dataset"  # the comparison ran, with no position subset
 
 
 def test_write_results_fills_readme_papers_and_reference(tmp_path):

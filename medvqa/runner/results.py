@@ -194,7 +194,7 @@ def ledger_markdown(rows: Sequence[dict], paper: str | None = None) -> str:
     for claim_id, cells in by_claim.items():
         first = next(iter(cells.values()))
         paper_cell = f"{first['paper_effect']:+.2f}" if first["paper_effect"] is not None else first["given"]
-        subset = claims[claim_id]["subset"] if claim_id in claims else first["subset"]  # as the ledger names it; each cell says which one it found
+        subset = (claims[claim_id]["subset"] if claim_id in claims else first["subset"]).replace("|", " or ")  # as the ledger names it; each cell says which one it found
         lines.append(f"| {claim_id} {first['claim']} | {first['paper']} {first['source']} | {subset} | {paper_cell} | "
                      + " | ".join(_cell(cells[run]) if run in cells else "—" for run in runs) + " |")
     counts = []
