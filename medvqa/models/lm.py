@@ -38,9 +38,15 @@ def smollm2_package_folder() -> Path:
 
 def convert_smollm2(dest: str | Path) -> Path:
     """Dequantise the packaged SmolLM2 GGUF into a safetensors model folder at `dest` (atomically)."""
+    from functools import partial
+    from unittest import mock
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     src, dest = smollm2_package_folder(), Path(dest)
-    with quiet_weight_loading():
+    # the one-time de-quantisation draws its own tqdm.auto bar, a widget in a headless kernel that a static page
+    # cannot show: it runs without a bar (a second or two)
+    with quiet_weight_loading(), mock.patch.object(gguf_utils, "tqdm", partial(tqdm, disable=True)):
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
@@ -48,7 +54,7 @@ def convert_smollm2(dest: str | Path) -> Path:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(gguf_model.state_dict())
-    with atomic_folder(dest) as tmp:
+    with atomic_folder(dest) as tmp, quiet_weight_loading():  # and no "Writing model shards" bar
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return dest
