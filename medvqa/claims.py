@@ -17,7 +17,7 @@ import pandas as pd
 
 from .core import project_root, run_dir, write_json
 from .data.readers import ANSWER_TYPES
-from .evaluation import ablation_effects, effect_interval, question_scores
+from .evaluation import DETECTABLE_SE, ablation_effects, effect_interval, question_scores, zero_width
 
 # %% auto #0
 __all__ = ['QUESTION_TYPE_NAMES', 'BODY_REGIONS', 'VERDICTS', 'CLAIM_CHAPTERS', 'CLAIM_FIELDS', 'GIVEN', 'question_types',
@@ -119,7 +119,7 @@ VERDICTS = ("reproduced", "opposite", "not seen, with power", "not seen, underpo
 
 def _standard_error(effect: dict) -> float:
     """The standard error an effect's interval implies (its `detectable` is 2.8 standard errors: 80 % power at 5 %)."""
-    return effect["detectable"] / 2.8
+    return effect["detectable"] / DETECTABLE_SE
 
 
 def seed_projection(effect: dict, target: float, most: int = 1000) -> tuple[int | None, str]:
@@ -135,7 +135,7 @@ def seed_projection(effect: dict, target: float, most: int = 1000) -> tuple[int 
         return None, "no effect to detect"
     total = _standard_error(effect) ** 2
     fixed = max(total - float(per_seed.var(ddof=0)) / seeds, 0.0)  # the questions' part
-    room = (target / 2.8) ** 2 - fixed
+    room = (target / DETECTABLE_SE) ** 2 - fixed
     if room <= 0:
         return None, "more test questions, not seeds"
     needed = max(seeds + 1, math.ceil(float(per_seed.var(ddof=1)) / room))
@@ -163,7 +163,7 @@ def claim_verdict(effect: dict | None, paper_effect: float | None, direction: in
         low, high = high, low
     detectable = effect["detectable"]
     base = {"detectable": detectable, "seeds_needed": None, "seeds_note": ""}
-    if effect["ci_low"] == effect["ci_high"] == 0:
+    if zero_width(effect):
         return {**base, "verdict": "no change at all", "detectable": None}
     if low > 0:
         return {**base, "verdict": "reproduced"}
@@ -184,7 +184,7 @@ def contrast_effect(first: dict, second: dict) -> dict:
     difference = first["difference"] - second["difference"]
     seeds = min(len(first.get("per_seed", [])), len(second.get("per_seed", [])))
     return {"difference": difference, "ci_low": difference - 1.96 * se, "ci_high": difference + 1.96 * se,
-            "detectable": 2.8 * se, "per_seed": [a - b for a, b in zip(first.get("per_seed", [])[:seeds], second.get("per_seed", [])[:seeds])],
+            "detectable": DETECTABLE_SE * se, "per_seed": [a - b for a, b in zip(first.get("per_seed", [])[:seeds], second.get("per_seed", [])[:seeds])],
             "seeds": seeds, "questions": first.get("questions", 0) + second.get("questions", 0),
             "comparison": f"{first.get('comparison', '')} ({first.get('subset')} - {second.get('subset')})"}
 

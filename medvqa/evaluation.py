@@ -22,13 +22,13 @@ from .data.readers import ANSWER_TYPES, normalize_answer
 from .models.towers import minilm_folder, quiet_weight_loading
 
 # %% auto #0
-__all__ = ['SCORING_MODES', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer', 'score_predictions',
-           'score_records', 'bootstrap_interval', 'accuracy_table', 'seeded_effect', 'paired_bootstrap',
-           'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects', 'seed_summary',
-           'effect_verdict', 'detectable_sentence', 'effect_interval', 'effects_lines', 'effects_table',
-           'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics', 'majority_answers',
-           'QuestionOnlyModel', 'fit_question_only', 'question_only_answers', 'write_predictions', 'read_predictions',
-           'reported_results', 'paper_value']
+__all__ = ['SCORING_MODES', 'DETECTABLE_SE', 'QUESTION_ONLY_GRID', 'PREDICTION_COLUMNS', 'question_kind', 'score_answer',
+           'score_predictions', 'score_records', 'bootstrap_interval', 'accuracy_table', 'seeded_effect',
+           'paired_bootstrap', 'image_use_report', 'image_use_lines', 'question_scores', 'ablation_effects',
+           'seed_summary', 'zero_width', 'effect_verdict', 'detectable_sentence', 'effect_interval', 'effects_lines',
+           'effects_table', 'ablation_regime', 'plot_effects', 'bleu1', 'rouge1', 'bert_scores', 'text_metrics',
+           'majority_answers', 'QuestionOnlyModel', 'fit_question_only', 'question_only_answers', 'write_predictions',
+           'read_predictions', 'reported_results', 'paper_value']
 
 # %% ../nbs/09_evaluation.ipynb #c008
 SCORING_MODES = ("strict", "bamco", "llava-med")
@@ -136,6 +136,9 @@ def _seed_matrix(scores, name: str) -> np.ndarray:
     return m
 
 
+DETECTABLE_SE = 2.8  # a difference of 2.8 standard errors is found 80 % of the time at the 5 % level (1.96 + 0.84)
+
+
 def seeded_effect(scores_full, scores_variant, clusters: Sequence | None = None, samples: int = 2000,
                   level: float = 0.95, seed: int = 0) -> dict:
     """Mean over seeds of full - variant on the same questions ([seeds, questions] scores, seed s against seed s),
@@ -163,7 +166,7 @@ def seeded_effect(scores_full, scores_variant, clusters: Sequence | None = None,
     standard_error = (high - low) / (2 * norm.ppf(0.5 + level / 2))  # the interval's width read as +- z SE
     return {"difference": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
             "per_seed": [float(x) for x in d.mean(1)], "seeds": n_seeds, "questions": n_questions,
-            "clusters": n_clusters, "detectable": float(2.8 * standard_error), "samples": samples, "level": level}
+            "clusters": n_clusters, "detectable": float(DETECTABLE_SE * standard_error), "samples": samples, "level": level}
 
 
 def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], clusters: Sequence | None = None,
@@ -243,7 +246,7 @@ def seed_summary(scores: dict[str, object]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _zero_width(effect: dict) -> bool:
+def zero_width(effect: dict) -> bool:
     """Every paired difference was 0 (the variants scored every question the same): the interval has no width to read."""
     return effect["ci_low"] == effect["ci_high"] == 0
 
@@ -254,7 +257,7 @@ def effect_verdict(effect: dict, short: bool = False) -> str:
         return "above 0" if short else "the interval is above 0: the component helps"
     if effect["ci_high"] < 0:
         return "below 0" if short else "the interval is below 0: the model is better without it"
-    if _zero_width(effect):
+    if zero_width(effect):
         return ("same score on every question" if short else "the two variants score every question the same in every "
                 "seed: the component changed no result, and a zero-width interval says nothing about what could be detected")
     if short:
@@ -266,8 +269,8 @@ def effect_verdict(effect: dict, short: bool = False) -> str:
 def detectable_sentence(effects: Sequence[dict]) -> str:
     """What the experiment could have detected, read from its effects' intervals; comparisons whose two variants scored
     every question the same (a zero-width interval, which bounds nothing) are named apart."""
-    same = [e for e in effects if _zero_width(e)]
-    sized = sorted(100 * e["detectable"] for e in effects if not _zero_width(e))
+    same = [e for e in effects if zero_width(e)]
+    sized = sorted(100 * e["detectable"] for e in effects if not zero_width(e))
     parts = []
     if sized:
         low, high = f"{sized[0]:.1f}", f"{sized[-1]:.1f}"
